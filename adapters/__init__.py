@@ -1,0 +1,1 @@
+"""Engine adapters. Each subpackage is the only code that touches its engine's internals."""

@@ -1,0 +1,193 @@
+"""The HF transformers adapter: the only code that touches an HF model's internals.
+
+Capture points are forward hooks on the modules an architecture table names; each calls
+the session, which copies through the `dmi::capture` op. A pre/post hook pair on the
+root module marks step boundaries and builds the row table from the forward's kwargs.
+`generate` is wrapped (an instance attribute, removed on disarm) only to know which
+forwards continue which requests and which rows finished at EOS.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from dmi.adapter import Adapter, Binding
+from dmi.errors import SpecError, UnknownHookError, closest
+from dmi.hooknames import canonical_names, resolve, split_layer
+from dmi.hookpoint import HookPoint
+
+from . import reading
+from .rows import GenerateState, RequestCounter, row_table
+from .tables.base import ArchTable, Tap
+
+_DTYPE_SIZE = {"int64": 8}
+
+
+class HFAdapter(Adapter):
+    engine_name = "hf"
+
+    def __init__(self, model: torch.nn.Module, table: ArchTable):
+        super().__init__(model)
+        self.model = model
+        self.table = table
+        self.dims = table.dims(model.config)
+        self.counter = RequestCounter()
+        self._handles: list = []
+        self._gen: GenerateState | None = None
+        self._had_generate_attr = False
+        self._root = _root_prefix(model, table)
+
+    # -- description ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def describe(self) -> tuple[str, dict]:
+        cfg = self.model.config
+        return getattr(cfg, "_name_or_path", "") or type(self.model).__name__, cfg.to_dict()
+
+    # -- resolution -------------------------------------------------------------------
+    def _path(self, tap_module: str, layer: int | None) -> str:
+        path = tap_module.replace("{L}", str(layer)) if layer is not None else tap_module
+        return self._root(path)
+
+    def _module(self, path: str | None):
+        if path is None:
+            return None
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def offered(self) -> dict[str, tuple[Tap, str]]:
+        """Canonical name -> (tap, module path), for every hook whose module exists in this model."""
+        out = {}
+        for name in canonical_names(self.dims.n_layers):
+            layer, suffix = split_layer(name)
+            tap = self.table.taps.get(suffix)
+            if tap is None:
+                continue
+            path = self._path(tap.module, layer)
+            if path is not None and self._module(path) is not None:
+                out[name] = (tap, path)
+        return out
+
+    def _hookpoints(self) -> dict[str, str]:
+        return {m.name or p: p for p, m in self.model.named_modules() if isinstance(m, HookPoint)}
+
+    def bind(self, patterns: list[str]) -> list[Binding]:
+        offered = self.offered()
+        eager = getattr(self.model.config, "_attn_implementation", "eager") == "eager"
+        explicit_only = frozenset(n for n, (tap, _) in offered.items() if tap.eager_only and not eager)
+        hookpoints = self._hookpoints()
+        names = resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
+        self._plan = []
+        bindings = []
+        for name in names:
+            if name.startswith("module:"):
+                tap, path = self._module_tap(name)
+            elif name in hookpoints:
+                tap, path = Tap(hookpoints[name], shape=lambda d: (0,)), hookpoints[name]
+            else:
+                tap, path = offered[name]
+                if tap.eager_only and not eager:
+                    impl = self.model.config._attn_implementation
+                    raise SpecError("hooks", f"{name} needs the attention probabilities, which only eager attention "
+                                             f"computes; this model uses {impl!r}. Load it with "
+                                             f"attn_implementation='eager' or drop the hook")
+            self._plan.append((tap, path))
+            bindings.append(Binding(name, f"{path}:{tap.io}", self._row_bytes(tap), ragged=tap.view == "pattern"))
+        return bindings
+
+    def _module_tap(self, name: str) -> tuple[Tap, str]:
+        parts = name.split(":")
+        if len(parts) not in (2, 3) or not parts[1] or (len(parts) == 3 and parts[2] not in ("input", "output")):
+            raise UnknownHookError("hooks", f"{name!r}: write module hooks as 'module:<dotted.path>' or "
+                                            f"'module:<dotted.path>:input'")
+        path = parts[1]
+        if self._module(path) is None:
+            paths = [p for p, _ in self.model.named_modules() if p]
+            raise UnknownHookError("hooks", f"{name!r}: the model has no module {path!r}; closest: "
+                                            f"{', '.join(closest(path, paths))}")
+        io = parts[2] if len(parts) == 3 else "output"
+        return Tap(path, io=io, index=0 if io == "input" else None, shape=lambda d: (0,)), path
+
+    def _row_bytes(self, tap: Tap) -> int:
+        dtype_size = _DTYPE_SIZE.get(tap.dtype or "", None)
+        if dtype_size is None:
+            p = next(self.model.parameters(), None)
+            dtype_size = p.element_size() if p is not None else 4
+        return math.prod(tap.shape(self.dims)) * dtype_size
+
+    # -- arming -----------------------------------------------------------------------
+    def arm(self, session, bindings: list[Binding]) -> None:
+        self.session = session
+        for i, (tap, path) in enumerate(self._plan):
+            mod = self.model.get_submodule(path) if path else self.model
+            fn = functools.partial(_capture_hook, session, i, tap, self.dims)
+            if tap.io == "input":
+                h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
+            else:
+                h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
+            self._handles.append(h)
+        # Step boundaries: registered last on the root so the pre-hook runs after any user
+        # pre-hook that rewrites inputs, and the post-hook seals after all captures.
+        self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._end, always_call=True))
+        self._had_generate_attr = "generate" in self.model.__dict__
+        self._saved_generate = self.model.__dict__.get("generate")
+        if hasattr(self.model, "generate"):
+            self.model.generate = functools.partial(_generate, self, self.model.generate)
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._had_generate_attr:
+            self.model.generate = self._saved_generate
+        else:
+            self.model.__dict__.pop("generate", None)
+        self._gen = None
+
+    # -- step boundaries --------------------------------------------------------------
+    def _begin(self, module, args, kwargs):
+        self.session.begin_step(row_table(args, kwargs, self.counter, self._gen))
+
+    def _end(self, module, args, output):
+        self.session.end_step()
+
+
+def _capture_hook(session, i: int, tap: Tap, dims, args, kwargs, output) -> None:
+    x = reading.pick(tap, args, kwargs, output)
+    if isinstance(x, torch.Tensor):
+        session.capture(i, reading.view(tap, x.detach(), dims), flat=tap.flat)
+
+
+def _generate(adapter: HFAdapter, original, *args, **kwargs):
+    cfg = kwargs.get("generation_config") or adapter.model.generation_config
+    beams = kwargs.get("num_beams", getattr(cfg, "num_beams", 1)) or 1
+    if beams > 1:
+        raise ValueError(f"dmi: beam search (num_beams={beams}) reorders rows between requests and is not "
+                         f"supported while attached; use greedy or sampling (num_beams=1)")
+    eos = kwargs.get("eos_token_id", getattr(cfg, "eos_token_id", None))
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    if isinstance(eos, torch.Tensor):
+        eos_ids = set(eos.flatten().tolist())
+    outer = adapter._gen
+    adapter._gen = GenerateState(eos_ids={int(e) for e in eos_ids})
+    try:
+        return original(*args, **kwargs)
+    finally:
+        adapter._gen = outer
+
+
+def _root_prefix(model, table: ArchTable):
+    """Tables are written from the causal-LM root ("model.layers..."). A bare base model
+    (Qwen3Model, GPT2Model) has the same modules one level up; lm_head is then absent."""
+    first = table.layers_path.split(".")[0]
+    if hasattr(model, first):
+        return lambda path: path
+    return lambda path: path[len(first) + 1:] if path.startswith(first + ".") else None

@@ -1,0 +1,93 @@
+"""The shape of an HF architecture table: canonical hook name -> where to read it.
+
+A table is data: a module path (with {L} for the layer), input or output, which
+element, and how to view the tensor as token rows. Adding a model family is adding
+a table file beside this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    n_experts: int = 0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Tap:
+    module: str                               # dotted path from the causal-LM root; "{L}" is the layer
+    io: Literal["output", "input"] = "output"
+    index: int | None = None                  # tuple element (outputs) / positional arg (inputs); None: the value
+    kw: str | None = None                     # keyword the input may be passed by instead
+    view: str | None = None                   # heads | kv_heads | pattern | qkv:<i>  (see adapters.hf.reading)
+    flat: bool = False                        # leading dim is batch*tokens (MoE router), not [batch, tokens]
+    shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
+    dtype: str | None = None                  # fixed dtype (router ids); None: the model's
+    eager_only: bool = False                  # needs attn_implementation="eager"
+
+
+@dataclass(frozen=True)
+class ArchTable:
+    family: str
+    model_types: tuple[str, ...]              # config.model_type values it serves
+    taps: dict[str, Tap]                      # suffix ("hook_embed", "attn.hook_q", ...) -> Tap
+    dims: Callable[[object], Dims]
+    layers_path: str = "model.layers"
+    notes: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def llama_like_dims(cfg) -> Dims:
+    heads = cfg.num_attention_heads
+    return Dims(
+        n_layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        n_heads=heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        intermediate=getattr(cfg, "intermediate_size", 0) or 0,
+        vocab=cfg.vocab_size,
+        n_experts=getattr(cfg, "num_experts", 0) or 0,
+        top_k=getattr(cfg, "num_experts_per_tok", 0) or 0,
+    )
+
+
+def _q(d: Dims):
+    return (d.n_heads, d.head_dim)
+
+
+def _kv(d: Dims):
+    return (d.n_kv_heads, d.head_dim)
+
+
+L = "model.layers.{L}"
+
+# Llama-style decoder (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE attention): pre-norm blocks,
+# separate q/k/v projections, RMSNorm, gated MLP.
+LLAMA_LIKE: dict[str, Tap] = {
+    "hook_embed": Tap("model.embed_tokens"),
+    "hook_resid_pre": Tap(L, io="input", index=0, kw="hidden_states"),
+    "attn.hook_q": Tap(L + ".self_attn.q_proj", view="heads", shape=_q),
+    "attn.hook_k": Tap(L + ".self_attn.k_proj", view="kv_heads", shape=_kv),
+    "attn.hook_v": Tap(L + ".self_attn.v_proj", view="kv_heads", shape=_kv),
+    "attn.hook_z": Tap(L + ".self_attn.o_proj", io="input", index=0, view="heads", shape=_q),
+    "attn.hook_pattern": Tap(L + ".self_attn", index=1, view="pattern", shape=lambda d: (d.n_heads, 1),
+                             eager_only=True),
+    "hook_attn_out": Tap(L + ".self_attn", index=0),
+    "hook_resid_mid": Tap(L + ".post_attention_layernorm", io="input", index=0, kw="hidden_states"),
+    "mlp.hook_post": Tap(L + ".mlp.down_proj", io="input", index=0, shape=lambda d: (d.intermediate,)),
+    "hook_mlp_out": Tap(L + ".mlp"),
+    "hook_resid_post": Tap(L),
+    "ln_final.hook_normalized": Tap("model.norm"),
+    "hook_logits": Tap("lm_head", shape=lambda d: (d.vocab,)),
+}

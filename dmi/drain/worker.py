@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+
+import numpy as np
+import torch
+
+from dmi.ring.frames import FrameRing, Marker, Slot
+from dmi.sinks.base import GapBlock, RowBlock, Sink
+
+from .hostqueue import ByteBoundedQueue
+
+log = logging.getLogger("dmi")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Host tensor -> numpy, bfloat16 as its uint16 bit patterns (lossless; numpy has no bf16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def compact_pattern(rows: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """[n, heads, keys] over the step's key columns -> [n, heads, max_pos+1] over the request's
+    own keys 0..position, in order (padding keys removed; a causal pattern is 0 beyond)."""
+    plan = slot.plan
+    pos = plan.rows.position[slot.token_idx]
+    width = int(pos.max()) + 1 if pos.size else 1
+    out = rows.new_zeros((rows.shape[0], rows.shape[1], width))
+    mask = plan.rows.key_mask
+    for i, (b, p) in enumerate(zip(slot.pattern_batch, pos)):
+        cols = torch.nonzero(mask[b], as_tuple=True)[0][: p + 1] if mask is not None else torch.arange(p + 1)
+        out[i, :, : len(cols)] = rows[i][:, cols]
+    return out
+
+
+class Drain:
+    """Owns the drain thread (ring -> host) and the sink thread (host -> sink)."""
+
+    def __init__(self, ring, frames: FrameRing, sink: Sink, accounting, hook_infos: dict,
+                 host_bytes: int):
+        self.ring = ring
+        self.frames = frames
+        self.sink = sink
+        self.acct = accounting
+        self.hook_infos = hook_infos      # hook index -> HookInfo, filled by the session
+        self.host = ByteBoundedQueue(host_bytes)
+        self.sink_failed: str | None = None
+        self._drain = threading.Thread(target=self._drain_loop, name="dmi-drain", daemon=True)
+        self._sinker = threading.Thread(target=self._sink_loop, name="dmi-sink", daemon=True)
+
+    def start(self) -> None:
+        self._drain.start()
+        self._sinker.start()
+
+    def alive(self) -> bool:
+        return self._drain.is_alive() and self._sinker.is_alive()
+
+    # -- drain thread -----------------------------------------------------------------
+    def _drain_loop(self) -> None:
+        while True:
+            item = self.frames.get()
+            if isinstance(item, Marker):
+                self.host.put(item)
+                if item.kind == "stop":
+                    return
+                continue
+            if isinstance(item, GapBlock):
+                self.host.put(item)
+                continue
+            try:
+                block = self._copy_out(item)
+            except Exception as e:  # a bug here must not take the engine down; count and go on
+                self.ring.release(item.offset)
+                info = self.hook_infos[item.hook]
+                self.acct.error(f"drain: {type(e).__name__}: {e}")
+                log.error("dmi drain failed on %s: %s", info.name, traceback.format_exc())
+                self.acct.dropped(info.name, len(item.token_idx), "drain_error", in_flight=True)
+                continue
+            self.host.put(block, block.data.nbytes)
+
+    def _copy_out(self, slot: Slot) -> RowBlock:
+        raw = self.ring.view(slot.offset, slot.nbytes)
+        host = raw.to("cpu", copy=True) if raw.device.type != "cpu" else raw.clone()
+        self.ring.release(slot.offset)
+        n = len(slot.token_idx)
+        rows = host.view(slot.dtype).reshape(n, *slot.row_shape)
+        info = self.hook_infos[slot.hook]
+        if info.ragged:
+            rows = compact_pattern(rows, slot)
+        table = slot.plan.rows
+        req = table.request[slot.token_idx]
+        return RowBlock(
+            hook=info,
+            data=to_numpy(rows),
+            request=[table.request_ids[r] for r in req],
+            position=table.position[slot.token_idx].astype(np.int64),
+            step=np.full(n, slot.plan.step, dtype=np.int64),
+        )
+
+    # -- sink thread ------------------------------------------------------------------
+    def _sink_loop(self) -> None:
+        while True:
+            item = self.host.get()
+            if isinstance(item, Marker):
+                if item.kind in ("flush", "stop") and self.sink_failed is None:
+                    self._guard(self.sink.flush)
+                if item.done is not None:
+                    item.done.set()
+                if item.kind == "stop":
+                    return
+                continue
+            if isinstance(item, GapBlock):
+                self._guard(self.sink.write_gaps, item)
+                continue
+            n = len(item.request)
+            if self.sink_failed is None and self._guard(self.sink.write, item):
+                self.acct.written(item.hook.name, n, item.data.nbytes)
+            else:
+                self.acct.dropped(item.hook.name, n, "sink_error", in_flight=True)
+
+    def _guard(self, fn, *args) -> bool:
+        """Run a sink call; a failing sink is reported once and then bypassed, never raised
+        into the engine."""
+        if self.sink_failed is not None:
+            return False
+        try:
+            fn(*args)
+            return True
+        except Exception as e:
+            self.sink_failed = f"sink {type(self.sink).__name__} failed: {type(e).__name__}: {e}"
+            self.acct.error(self.sink_failed)
+            log.error("dmi: %s; capture continues, further rows are counted as dropped", self.sink_failed)
+            return False
+
+    def join(self, timeout: float | None = None) -> None:
+        self._drain.join(timeout)
+        self._sinker.join(timeout)

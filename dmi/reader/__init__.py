@@ -1,0 +1,4 @@
+"""Read captured runs: `open_run(path)` returns a `Run` (exposed as `dmi.open`)."""
+from dmi.reader.run import Run, open_run
+
+__all__ = ["Run", "open_run"]

@@ -1,0 +1,102 @@
+"""Frames: what one engine step captures, planned from the adapter's row table.
+
+The adapter says who is in the batch (request, position, phase per token row); the
+plan turns that, after the row filters, into the source rows each capture copies and
+the row table the drain attaches to them. The frame ring carries slot descriptors from
+the producer to the drain thread, in the order the payload was written.
+"""
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFILL, DECODE = 0, 1
+
+
+@dataclass
+class RowTable:
+    """Who each token row of a step belongs to. Rows are the step's tokens in [batch, tokens]
+    order (an engine with a flat batch uses batch=1)."""
+
+    batch: int
+    tokens: int
+    request_ids: list[str]       # the requests present in this step
+    request: np.ndarray          # int32 [batch*tokens]: index into request_ids, -1 for padding
+    position: np.ndarray         # int64 [batch*tokens]: position within the request, from 0
+    phase: np.ndarray            # int8 [batch*tokens]: PREFILL or DECODE
+    key_mask: torch.Tensor | None = None  # bool [batch, keys]: real keys, for attention patterns
+
+
+@dataclass
+class RowSelection:
+    """The rows of one hook tensor that are kept, for a tensor holding the last `t` tokens."""
+
+    src_rows: torch.Tensor       # int64 [n]: rows of the hook tensor (viewed [batch*t, ...]) to copy
+    token_idx: np.ndarray        # int64 [n]: the matching rows of the step's RowTable
+    produced: int                # real (non-padding) rows the engine computed for this hook
+    filtered: int                # real rows the filters left out
+
+
+@dataclass
+class StepPlan:
+    step: int
+    rows: RowTable
+    keep: np.ndarray             # bool [batch*tokens]: real rows the filters keep
+    _by_t: dict[int, RowSelection] = field(default_factory=dict)
+
+    def select(self, t: int) -> RowSelection:
+        """Rows kept for a hook tensor with `t` tokens per batch row: the last t tokens of each
+        batch row (generate computes logits for the last token only)."""
+        sel = self._by_t.get(t)
+        if sel is None:
+            B, T = self.rows.batch, self.rows.tokens
+            tok = (np.arange(B)[:, None] * T + np.arange(T - t, T)[None, :]).reshape(-1)
+            real = self.rows.request[tok] >= 0
+            keep = self.keep[tok]
+            src = np.nonzero(keep)[0]
+            sel = RowSelection(torch.from_numpy(src.astype(np.int64)), tok[src], int(real.sum()),
+                               int(real.sum() - keep.sum()))
+            self._by_t[t] = sel
+        return sel
+
+
+@dataclass
+class Slot:
+    """One hook's rows of one step, written at [offset, offset+nbytes) of the payload ring."""
+
+    plan: StepPlan
+    hook: int
+    offset: int
+    nbytes: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+    token_idx: np.ndarray
+    pattern_batch: np.ndarray | None = None  # batch row per kept row, for attention-pattern compaction
+
+
+@dataclass
+class Marker:
+    """A control item through the pipeline: 'flush' waits until everything before it is written."""
+
+    kind: str
+    done: Any = None
+
+
+class FrameRing:
+    """The host frame ring: a bounded FIFO of slot descriptors and markers."""
+
+    def __init__(self, capacity: int = 4096):
+        self._q: queue.Queue = queue.Queue(maxsize=capacity)
+
+    def put(self, item, timeout: float | None = None) -> None:
+        self._q.put(item, timeout=timeout)
+
+    def get(self, timeout: float | None = None):
+        return self._q.get(timeout=timeout)
+
+    def __len__(self) -> int:
+        return self._q.qsize()

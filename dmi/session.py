@@ -1,0 +1,214 @@
+"""A capture session: owns the ring, the drain and the sink for one attached engine.
+
+The adapter drives it once per engine step: begin_step(rows) before the forward,
+capture(i, tensor) from inside it (through the capture op), end_step() after.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import weakref
+
+import numpy as np
+import torch
+
+from dmi import __version__
+from dmi.drain import Drain
+from dmi.errors import RingTooSmallError, SessionStateError
+from dmi.kernels import CTRL_WIDTH, capture as capture_op
+from dmi.policies import Accounting, RowFilter
+from dmi.ring import FrameRing, PayloadRing, Slot, StepPlan
+from dmi.ring.frames import Marker, RowTable
+from dmi.sinks.base import GapBlock, HookInfo, RunMeta
+
+log = logging.getLogger("dmi")
+
+# One session per engine: a second would interleave two books on one set of hooks.
+_ARMED: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
+
+BLOCK_TIMEOUT_S = 60.0  # `block` waits this long for ring space before counting a drop
+
+
+class Session:
+    def __init__(self, engine, adapter, spec, sink, progress: bool = False):
+        self.engine = engine
+        self.adapter = adapter
+        self.spec = spec
+        self.closed = False
+        self._lock = threading.Lock()
+        if id(engine) in _ARMED:
+            raise SessionStateError("this engine already has an open dmi session; leave it (session.close()) first")
+
+        # Validate everything before touching the engine, so bad input leaves it as it was.
+        self.bindings = adapter.bind(spec.hooks)
+        need = sum(PayloadRing.aligned(b.row_bytes) for b in self.bindings)
+        if need > spec.ring.bytes:
+            raise RingTooSmallError(
+                "ring.bytes", f"{spec.ring.bytes} bytes cannot hold one token row of the selected hooks "
+                f"({need} bytes for {len(self.bindings)} hooks); raise ring.bytes to at least {need}, "
+                f"or select fewer hooks")
+        self.names = [b.name for b in self.bindings]
+        self.filter = RowFilter(spec)
+        self.acct = Accounting()
+        self.sink = sink
+
+        name, config = adapter.describe()
+        self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
+        self.ctrl = torch.zeros((len(self.bindings), CTRL_WIDTH), dtype=torch.int64)
+        self.frames = FrameRing()
+        self.hook_infos: dict[int, HookInfo] = {}
+        sink.open(RunMeta(dmi_version=__version__, engine=adapter.engine_name, model=name, model_config=config,
+                          spec_json=spec.to_json(),
+                          extra={"hooks": self.names, "sources": [b.source for b in self.bindings]}))
+        self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos,
+                           host_bytes=spec.ring.bytes)
+        self.drain.start()
+        self.step = 0
+        self.plan: StepPlan | None = None
+        self._warned: set[str] = set()
+        self.progress = None
+        if progress:
+            from dmi.progress import Progress
+
+            self.progress = Progress(self)
+        try:
+            adapter.arm(self, self.bindings)
+        except BaseException:
+            self._shutdown(complete=False)
+            raise
+        _ARMED[id(engine)] = self
+
+    # -- driven by the adapter, on the engine's thread ---------------------------------
+    def begin_step(self, rows: RowTable) -> None:
+        self.plan = StepPlan(self.step, rows, self.filter.keep(self.step, rows))
+
+    def end_step(self) -> None:
+        if self.plan is not None:
+            self.plan = None
+            self.step += 1
+            self.acct.steps = self.step
+
+    def capture(self, i: int, x: torch.Tensor, flat: bool = False) -> None:
+        """Capture hook i's tensor: [batch, t, ...] holding the step's last t tokens of each
+        batch row, or [batch*t, ...] when flat."""
+        plan = self.plan
+        if plan is None or self.closed:
+            return
+        name = self.names[i]
+        B, T = plan.rows.batch, plan.rows.tokens
+        if flat:
+            t = x.shape[0] // B if B else 0
+            rows_x = x
+            ok = x.shape[0] == B * t
+        else:
+            t = x.shape[1] if x.dim() > 1 else 0
+            rows_x = x.flatten(0, 1) if x.dim() > 1 else x
+            ok = x.dim() > 1 and x.shape[0] == B
+        if not ok or not 0 < t <= T:
+            self._warn_once(name, f"dmi: {name}: tensor of shape {tuple(x.shape)} does not map onto the step's "
+                                  f"{B}x{T} token rows; its rows are counted as dropped (reason 'shape')")
+            sel = plan.select(T)
+            self.acct.dropped(name, sel.produced - sel.filtered, "shape", produced=sel.produced,
+                              filtered=sel.filtered)
+            return
+        sel = plan.select(t)
+        info = self._info(i, rows_x)
+        n = len(sel.token_idx)
+        if n == 0:
+            self.acct.captured(name, sel.produced, sel.filtered, 0, 0)
+            return
+        row_bytes = math.prod(rows_x.shape[1:]) * rows_x.element_size()
+        nbytes = n * row_bytes
+        off = self.ring.alloc(nbytes, wait=self.spec.overload == "block", timeout=BLOCK_TIMEOUT_S,
+                              alive=self.drain.alive)
+        if off is None:
+            self._drop(name, sel, plan, nbytes)
+            return
+        self.ctrl[i, 0] = 1
+        self.ctrl[i, 1] = off
+        capture_op(self.ring.buffer, rows_x, sel.src_rows, self.ctrl, i)
+        self.acct.captured(name, sel.produced, sel.filtered, n, nbytes)
+        self.frames.put(Slot(plan, i, off, nbytes, tuple(rows_x.shape[1:]), rows_x.dtype, sel.token_idx,
+                             pattern_batch=sel.token_idx // T if info.ragged else None))
+
+    def _info(self, i: int, rows_x: torch.Tensor) -> HookInfo:
+        info = self.hook_infos.get(i)
+        if info is None:
+            b = self.bindings[i]
+            info = HookInfo(b.name, str(rows_x.dtype).removeprefix("torch."), tuple(rows_x.shape[1:]),
+                            ragged=b.ragged, source=b.source)
+            self.hook_infos[i] = info
+        return info
+
+    def _drop(self, name: str, sel, plan: StepPlan, nbytes: int) -> None:
+        if PayloadRing.aligned(nbytes) > self.ring.capacity:
+            reason = "oversize"
+            self._warn_once("oversize:" + name, f"dmi: {name}: one step's rows need {nbytes} bytes, more than "
+                                                f"ring.bytes={self.ring.capacity}; those rows are dropped and "
+                                                f"recorded as gaps. Raise ring.bytes.")
+        elif not self.drain.alive():
+            reason = "drain_stopped"
+        else:
+            reason = "ring_full"
+        n = len(sel.token_idx)
+        self.acct.dropped(name, n, reason, produced=sel.produced, filtered=sel.filtered)
+        t = plan.rows
+        self.frames.put(GapBlock(name, [t.request_ids[r] for r in t.request[sel.token_idx]],
+                                 t.position[sel.token_idx].astype(np.int64), np.full(n, plan.step, np.int64),
+                                 reason))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.acct.error(message)
+            log.warning(message)
+
+    # -- user-facing ------------------------------------------------------------------
+    def stats(self) -> dict:
+        return self.acct.snapshot(self.ring)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything captured so far is written and readable."""
+        if self.closed:
+            return
+        done = threading.Event()
+        self.frames.put(Marker("flush", done))
+        done.wait(timeout)
+
+    def close(self) -> None:
+        """Detach: remove every capture point, write out everything captured, close the sink."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.plan = None
+        try:
+            self.adapter.disarm()
+        finally:
+            _ARMED.pop(id(self.engine), None)
+            self._shutdown(complete=True)
+
+    detach = close
+
+    def _shutdown(self, complete: bool) -> None:
+        self.closed = True
+        if self.progress is not None:
+            self.progress.stop()
+        done = threading.Event()
+        self.frames.put(Marker("stop", done))
+        done.wait()
+        self.drain.join()
+        try:
+            self.sink.close(self.acct.snapshot(self.ring), complete=complete)
+        finally:
+            self.ring.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<dmi.Session {self.adapter.engine_name} hooks={len(self.names)} step={self.step} closed={self.closed}>"

@@ -1,0 +1,78 @@
+"""What a sink receives. Sinks run on their own thread; nothing here touches the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class HookInfo:
+    """Static description of one captured hook, known once its first row has been seen."""
+
+    name: str                 # canonical name, e.g. "blocks.0.hook_resid_post"
+    dtype: str                # torch dtype name without "torch.": "float32", "bfloat16", "int64", ...
+    row_shape: tuple[int, ...]  # shape of one token row; for ragged hooks (pattern) the last dim is the max seen
+    ragged: bool = False      # True when the last dim grows per row (attention pattern: keys 0..position)
+    source: str = ""          # where it came from, e.g. "model.layers.0:output"
+
+
+@dataclass
+class RunMeta:
+    """Written once when the sink opens; stored as file attributes."""
+
+    dmi_version: str
+    engine: str               # "hf", "vllm", ...
+    model: str                # model name or path
+    model_config: dict[str, Any]
+    spec_json: str            # CaptureSpec.model_dump_json()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RowBlock:
+    """Rows of one hook from one step, already on the host.
+
+    `data` holds raw values: bfloat16 arrives as np.uint16 bit patterns with dtype "bfloat16"
+    (numpy has no bf16), every other dtype as its numpy equivalent. For ragged hooks,
+    `data` is [n, *row_shape[:-1], k] where k is this block's width; rows shorter than k
+    are zero-padded (a causal attention pattern is exactly 0 there).
+    """
+
+    hook: HookInfo
+    data: np.ndarray
+    request: list[str]        # request id per row
+    position: np.ndarray      # int64 per row: token position within its request, from 0
+    step: np.ndarray          # int64 per row: engine step that computed it
+
+
+@dataclass
+class GapBlock:
+    """Rows that were produced but not written (dropped), so a reader knows what is missing."""
+
+    hook: str
+    request: list[str]
+    position: np.ndarray
+    step: np.ndarray
+    reason: str               # "ring_full", "oversize", "sink_error", ...
+
+
+class Sink:
+    """Base class for sinks. Called from one thread only (the sink thread), in this order:
+    open(meta) once, then any number of write()/write_gaps(), then close(stats, complete)."""
+
+    def open(self, meta: RunMeta) -> None:
+        raise NotImplementedError
+
+    def write(self, block: RowBlock) -> None:
+        raise NotImplementedError
+
+    def write_gaps(self, gaps: GapBlock) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make everything written so far durable and readable by another process."""
+
+    def close(self, stats: dict[str, Any], complete: bool = True) -> None:
+        raise NotImplementedError

@@ -1,0 +1,456 @@
+"""HDF5 sink: one self-describing file per run, readable with plain h5py.
+
+Layout (format_version 1):
+
+    /                 attrs: format="dmi-hdf5", format_version, dmi_version, engine, model,
+                      model_config (JSON), spec (JSON), created (ISO time), complete (bool),
+                      json_attrs (JSON list of the attrs that hold JSON), one attr per meta.extra key
+    /requests         vlen utf-8 [R]: request ids in first-seen order; rows point here by int32 index
+    /hooks/<name>/    attrs: dtype (torch name), row_shape, ragged, source
+        data          [N, *row_shape]; bfloat16 kept as uint16 bit patterns, ragged last dim grows
+        request       int32 [N]
+        position      int64 [N]
+        step          int64 [N]
+    /gaps/            hook (vlen str), request (int32), position, step (int64), reason (vlen str)
+    /stats            attr json: the run's stats dict
+
+Everything is resizable along axis 0 and appended chunk by chunk, so a crashed run still
+leaves a readable file holding everything up to the last flush (with complete=False).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+
+FORMAT = "dmi-hdf5"
+FORMAT_VERSION = 1
+
+# Root attrs the sink owns; meta.extra may not shadow them.
+RESERVED_ATTRS = frozenset({
+    "dmi_version", "format", "format_version", "engine", "model", "model_config",
+    "spec", "created", "complete", "json_attrs",
+})
+
+_STR = h5py.string_dtype("utf-8")
+# Index columns are tiny per row; a fixed, fairly long chunk keeps them cheap to append and
+# to read in one go, independent of how large the data rows are.
+_INDEX_CHUNK = 4096
+_GAP_CHUNK = 4096
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Raise SinkPathError when `path` cannot be created or overwritten as an HDF5 file."""
+    reason = _unwritable_reason(Path(os.fspath(path)).expanduser())
+    if reason is not None:
+        from dmi.errors import SinkPathError
+
+        raise SinkPathError(f"cannot write HDF5 output {os.fspath(path)!r}: {reason}")
+
+
+def _unwritable_reason(p: Path) -> str | None:
+    if not str(p):
+        return "the path is empty"
+    if p.is_dir():
+        return "it is an existing directory, not a file"
+    parent = p.absolute().parent
+    if not parent.exists():
+        return f"the parent folder {str(parent)!r} does not exist"
+    if not parent.is_dir():
+        return f"the parent {str(parent)!r} is not a folder"
+    if p.exists() and not os.access(p, os.W_OK):
+        return "the existing file is not writable"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"the parent folder {str(parent)!r} is not writable"
+    return None
+
+
+def json_default(obj: Any) -> Any:
+    """json.dumps fallback for the numpy values that end up in stats and configs."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=json_default)
+
+
+def _is_attr_scalar(v: Any) -> bool:
+    if isinstance(v, (bool, np.bool_, str, float, np.floating)):
+        return True
+    if isinstance(v, (int, np.integer)):
+        # HDF5 has no arbitrary-precision ints; larger ones go through JSON.
+        return -(1 << 63) <= int(v) < (1 << 63)
+    return False
+
+
+@dataclass
+class _HookWriter:
+    """Per-hook datasets plus the rows buffered for the next append."""
+
+    group: h5py.Group
+    data: h5py.Dataset
+    request: h5py.Dataset
+    position: h5py.Dataset
+    step: h5py.Dataset
+    dtype: np.dtype
+    inner_shape: tuple[int, ...]   # row shape without the ragged last dim (whole row shape if not ragged)
+    ragged: bool
+    width: int                     # ragged: current last-dim size of `data`
+    rows: int = 0                  # rows already in the datasets
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    buffered_bytes: int = 0
+
+
+class HDF5Sink(Sink):
+    """Writes a run to one HDF5 file, buffering rows per hook into chunk-sized appends."""
+
+    check_writable = staticmethod(check_writable)
+
+    def __init__(self, path: str, chunk_bytes: int = 1 << 20, flush_every_s: float = 2.0) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.path = os.fspath(Path(os.fspath(path)).expanduser())
+        self.chunk_bytes = int(chunk_bytes)
+        self.flush_every_s = float(flush_every_s)
+        self._file: h5py.File | None = None
+        self._hooks: dict[str, _HookWriter] = {}
+        self._request_index: dict[str, int] = {}
+        self._pending_requests: list[str] = []
+        self._last_requests: tuple[list[str], np.ndarray] | None = None
+        self._last_flush = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self, meta: RunMeta) -> None:
+        if self._file is not None:
+            raise RuntimeError(f"HDF5Sink for {self.path!r} is already open")
+        clash = RESERVED_ATTRS.intersection(meta.extra)
+        if clash:
+            raise ValueError(f"meta.extra keys {sorted(clash)} clash with reserved file attributes")
+        check_writable(self.path)
+        try:
+            # v108 as the lower bound gives dense attribute storage (model configs can exceed the
+            # 64 KiB compact-attribute limit) while keeping superblock v2: from v110 on, the
+            # superblock marks the file "open for write" and readers refuse it until close,
+            # which would hide a live or crashed run from `dmi inspect`.
+            # "best-effort" locking keeps working on filesystems without lock support (NFS, Lustre).
+            f = h5py.File(self.path, "w", libver="v108", locking="best-effort",
+                          rdcc_nbytes=max(1 << 20, 2 * self.chunk_bytes))
+        except OSError as e:
+            from dmi.errors import SinkPathError
+
+            raise SinkPathError(f"cannot write HDF5 output {self.path!r}: {e}") from e
+        try:
+            self._write_root_attrs(f, meta)
+            f.create_dataset("requests", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(_GAP_CHUNK,))
+            f.create_group("hooks")
+            gaps = f.create_group("gaps")
+            for name, dt in (("hook", _STR), ("request", np.int32), ("position", np.int64),
+                             ("step", np.int64), ("reason", _STR)):
+                gaps.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_GAP_CHUNK,))
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        self._last_flush = time.monotonic()
+
+    def close(self, stats: dict[str, Any], complete: bool = True) -> None:
+        f = self._file
+        if f is None:
+            return
+        # Whatever fails, the file must end up closed and carry stats; a failed final flush
+        # means rows were lost, so the run cannot be marked complete.
+        error: BaseException | None = None
+        try:
+            self._flush_buffers()
+        except BaseException as e:
+            error = e
+        try:
+            grp = f.require_group("stats")
+            grp.attrs["json"] = _dumps(stats if stats is not None else {})
+            f.attrs["complete"] = bool(complete) and error is None
+            f.flush()
+        finally:
+            self._file = None
+            self._hooks.clear()
+            f.close()
+        if error is not None:
+            raise error
+
+    def flush(self) -> None:
+        f = self._require_open()
+        self._flush_buffers()
+        f.flush()
+        self._last_flush = time.monotonic()
+
+    # -- rows --------------------------------------------------------------------------------
+
+    def write(self, block: RowBlock) -> None:
+        self._require_open()
+        data = block.data
+        n = int(data.shape[0]) if data.ndim else 0
+        name = block.hook.name
+        _check_lengths(name, n, block.request, block.position, block.step)
+        if n:
+            hw = self._hooks.get(name)
+            if hw is None:
+                hw = self._create_hook(block.hook, data)
+            data = self._conform(hw, block.hook, data)
+            req = self._request_indices(block.request)
+            pos = np.asarray(block.position, dtype=np.int64).reshape(n)
+            step = np.asarray(block.step, dtype=np.int64).reshape(n)
+            if data.nbytes >= self.chunk_bytes:
+                # Big enough to be its own append: write it straight from the caller's array
+                # (after what is already queued, to keep file order = arrival order).
+                self._append(hw)
+                self._write_rows(hw, data, req, pos, step)
+            else:
+                # The caller may reuse its buffers once write() returns, so keep private copies.
+                hw.parts.append((np.array(data, copy=True), req, pos.copy(), step.copy()))
+                hw.buffered_bytes += data.nbytes
+                if hw.buffered_bytes >= self.chunk_bytes:
+                    self._append(hw)
+        if time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def write_gaps(self, gaps: GapBlock) -> None:
+        f = self._require_open()
+        n = len(gaps.request)
+        _check_lengths(gaps.hook, n, gaps.request, gaps.position, gaps.step)
+        if n == 0:
+            return
+        req = self._request_indices(gaps.request)
+        self._flush_requests()
+        g = f["gaps"]
+        start = g["request"].shape[0]
+        columns = {
+            "hook": np.full(n, gaps.hook, dtype=object),
+            "request": req,
+            "position": np.asarray(gaps.position, dtype=np.int64).reshape(n),
+            "step": np.asarray(gaps.step, dtype=np.int64).reshape(n),
+            "reason": np.full(n, gaps.reason, dtype=object),
+        }
+        for name, values in columns.items():
+            ds = g[name]
+            ds.resize((start + n,))
+            ds[start:] = values
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _require_open(self) -> h5py.File:
+        if self._file is None:
+            raise RuntimeError(f"HDF5Sink for {self.path!r} is not open")
+        return self._file
+
+    @staticmethod
+    def _write_root_attrs(f: h5py.File, meta: RunMeta) -> None:
+        a = f.attrs
+        a["format"] = FORMAT
+        a["format_version"] = FORMAT_VERSION
+        a["dmi_version"] = str(meta.dmi_version)
+        a["engine"] = str(meta.engine)
+        a["model"] = str(meta.model)
+        a["model_config"] = _dumps(meta.model_config)
+        a["spec"] = meta.spec_json
+        a["created"] = datetime.now(timezone.utc).isoformat()
+        a["complete"] = False
+        json_attrs = ["model_config", "spec"]
+        for key, value in meta.extra.items():
+            if _is_attr_scalar(value):
+                a[key] = value
+            else:
+                a[key] = _dumps(value)
+                json_attrs.append(key)
+        # Tells readers which string attrs to parse, so a plain string extra is never mis-parsed.
+        a["json_attrs"] = _dumps(json_attrs)
+
+    def _create_hook(self, info: HookInfo, data: np.ndarray) -> _HookWriter:
+        f = self._require_open()
+        name = info.name
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"invalid hook name {name!r}: must be non-empty and contain no '/'")
+        stored = _storage_dtype(info, data)
+        row_shape = tuple(int(d) for d in data.shape[1:])
+        if info.ragged and not row_shape:
+            raise ValueError(f"hook {name!r} is ragged but its rows are scalars")
+        inner = row_shape[:-1] if info.ragged else row_shape
+        width = row_shape[-1] if info.ragged else 0
+
+        if info.ragged:
+            # The last dim will grow towards the context length, so size chunks for a wider row
+            # than the first one; otherwise late rows would each straddle many tiny chunks.
+            chunk_w = max(1, min(_next_pow2(max(width, 256)), _MAX_CHUNK_W))
+            chunk_inner = inner + (chunk_w,)
+            maxshape = (None, *inner, None)
+        else:
+            chunk_inner = row_shape
+            maxshape = (None, *row_shape)
+        row_bytes = max(1, int(np.prod(chunk_inner, dtype=np.int64)) * stored.itemsize)
+        chunk_rows = max(1, self.chunk_bytes // row_bytes)
+
+        grp = f["hooks"].create_group(name)
+        grp.attrs["dtype"] = info.dtype
+        grp.attrs["row_shape"] = np.asarray(row_shape, dtype=np.int64)
+        grp.attrs["ragged"] = bool(info.ragged)
+        grp.attrs["source"] = info.source
+        ds = grp.create_dataset("data", shape=(0, *row_shape), maxshape=maxshape, dtype=stored,
+                                chunks=(chunk_rows, *chunk_inner), fillvalue=np.zeros((), stored))
+        cols = {c: grp.create_dataset(c, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_INDEX_CHUNK,))
+                for c, dt in (("request", np.int32), ("position", np.int64), ("step", np.int64))}
+        hw = _HookWriter(group=grp, data=ds, request=cols["request"], position=cols["position"],
+                         step=cols["step"], dtype=stored, inner_shape=inner, ragged=bool(info.ragged),
+                         width=width)
+        self._hooks[name] = hw
+        return hw
+
+    @staticmethod
+    def _conform(hw: _HookWriter, info: HookInfo, data: np.ndarray) -> np.ndarray:
+        """Check a block against the hook's first block and return it in the stored dtype."""
+        data = np.asarray(data)
+        if info.dtype == "bfloat16" and data.dtype == np.int16:
+            data = data.view(np.uint16)
+        if data.dtype != hw.dtype:
+            raise ValueError(f"hook {info.name!r}: block dtype {data.dtype} differs from the "
+                             f"stored dtype {hw.dtype} (hook dtype {info.dtype!r})")
+        shape = tuple(data.shape[1:])
+        got = shape[:-1] if hw.ragged else shape
+        if got != hw.inner_shape or (hw.ragged and len(shape) != len(hw.inner_shape) + 1):
+            raise ValueError(f"hook {info.name!r}: block row shape {shape} does not match the "
+                             f"first block's {hw.inner_shape + ((hw.width,) if hw.ragged else ())}")
+        return data
+
+    def _request_indices(self, requests: list[str]) -> np.ndarray:
+        # Every hook of a step carries the same request list, so map it once per step rather
+        # than once per hook (a list compare of identical str objects is a C-level pointer scan).
+        last = self._last_requests
+        if last is not None and requests == last[0]:
+            return last[1]
+        out = self._map_requests(requests)
+        self._last_requests = (list(requests), out)
+        return out
+
+    def _map_requests(self, requests: list[str]) -> np.ndarray:
+        index = self._request_index
+        out = np.empty(len(requests), dtype=np.int32)
+        for i, rid in enumerate(requests):
+            j = index.get(rid)
+            if j is None:
+                j = index[rid] = len(index)
+                self._pending_requests.append(rid)
+            out[i] = j
+        return out
+
+    def _flush_requests(self) -> None:
+        # Request ids must reach the file before any row that points at them.
+        if not self._pending_requests:
+            return
+        ds = self._require_open()["requests"]
+        start = ds.shape[0]
+        new = self._pending_requests
+        ds.resize((start + len(new),))
+        ds[start:] = np.array(new, dtype=object)
+        self._pending_requests = []
+
+    def _flush_buffers(self) -> None:
+        self._flush_requests()
+        for hw in self._hooks.values():
+            self._append(hw)
+
+    def _append(self, hw: _HookWriter) -> None:
+        """Write the hook's buffered rows as one append."""
+        if not hw.parts:
+            return
+        parts, hw.parts, hw.buffered_bytes = hw.parts, [], 0
+        if len(parts) == 1:
+            data, req, pos, step = parts[0]
+        else:
+            data = _concat_rows([p[0] for p in parts], hw.ragged)
+            req = np.concatenate([p[1] for p in parts])
+            pos = np.concatenate([p[2] for p in parts])
+            step = np.concatenate([p[3] for p in parts])
+        self._write_rows(hw, data, req, pos, step)
+
+    def _write_rows(self, hw: _HookWriter, data: np.ndarray, req: np.ndarray,
+                    pos: np.ndarray, step: np.ndarray) -> None:
+        self._flush_requests()
+        n = data.shape[0]
+        start, stop = hw.rows, hw.rows + n
+        if hw.ragged:
+            w = data.shape[-1]
+            if w > hw.width:
+                hw.width = w
+                hw.data.resize((stop, *hw.inner_shape, w))
+                hw.group.attrs["row_shape"] = np.asarray((*hw.inner_shape, w), dtype=np.int64)
+            else:
+                hw.data.resize(stop, axis=0)
+            # Narrower rows leave the tail at the fill value 0, which is the padding we want.
+            hw.data[start:stop, ..., :w] = data
+        else:
+            hw.data.resize(stop, axis=0)
+            hw.data[start:stop] = data
+        for ds, values in ((hw.request, req), (hw.position, pos), (hw.step, step)):
+            ds.resize((stop,))
+            ds[start:stop] = values
+        hw.rows = stop
+
+
+# Upper bound for the ragged chunk width: keeps a chunk of one row at a sane size for long contexts.
+_MAX_CHUNK_W = 1 << 14
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _storage_dtype(info: HookInfo, data: np.ndarray) -> np.dtype:
+    if info.dtype == "bfloat16":
+        if data.dtype not in (np.uint16, np.int16):
+            raise ValueError(f"hook {info.name!r} is bfloat16 but its data is {data.dtype}; "
+                             "expected uint16 bit patterns")
+        return np.dtype(np.uint16)
+    try:
+        declared = np.dtype(info.dtype)
+    except TypeError:
+        # A torch dtype numpy lacks (float8 variants, ...): the producer hands us bit patterns.
+        return data.dtype
+    if declared != data.dtype:
+        raise ValueError(f"hook {info.name!r} declares dtype {info.dtype!r} but its data is {data.dtype}")
+    return data.dtype
+
+
+def _concat_rows(datas: list[np.ndarray], ragged: bool) -> np.ndarray:
+    if not ragged:
+        return np.concatenate(datas)
+    w = max(d.shape[-1] for d in datas)
+    total = sum(d.shape[0] for d in datas)
+    out = np.zeros((total, *datas[0].shape[1:-1], w), dtype=datas[0].dtype)
+    i = 0
+    for d in datas:
+        out[i:i + d.shape[0], ..., :d.shape[-1]] = d
+        i += d.shape[0]
+    return out
+
+
+def _check_lengths(hook: str, n: int, request: list[str], position: np.ndarray, step: np.ndarray) -> None:
+    lens = (len(request), int(np.size(position)), int(np.size(step)))
+    if lens != (n, n, n):
+        raise ValueError(f"hook {hook!r}: {n} rows but {lens[0]} request ids, "
+                         f"{lens[1]} positions and {lens[2]} steps")

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+PRESETS = {
+    "cpu-smoke": dict(engines="hf", model="tiny", batch_sizes="1,4", decode_lens="4", prompt_len=8, repeats=1,
+                      modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
+    "cpu": dict(engines="hf,vllm,sglang", model="small", batch_sizes="1,8,32", decode_lens="16,64", prompt_len=32,
+                repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
+    "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64,256",
+                      decode_lens="16,128,256", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
+                      modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
+}
+DEFAULT_HOOKS = "blocks.*.hook_resid_post,hook_logits"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m matrix_bench", description=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--engines", default="hf")
+    p.add_argument("--model", default="tiny", help="local model folder, or a shape: tiny, small, qwen3-4b")
+    p.add_argument("--batch-sizes", default="1,4")
+    p.add_argument("--decode-lens", default="16")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names/presets, or a spec file")
+    p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ring-bytes", type=int, default=256 * 2**20)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default="bench.h5")
+    p.add_argument("--report", help="also write a markdown report to this path")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.preset:
+        given = {a.lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                 if a.startswith("--")}
+        for k, v in PRESETS[args.preset].items():
+            if k not in given:
+                setattr(args, k, v)
+    from .report import markdown
+    from .results import Results
+
+    rows = run_matrix(args)
+    res = Results(args.out)
+    res.write(rows, attrs=environment(args))
+    text = markdown(rows)
+    print(text)
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(text)
+    print(f"matrix_bench: {len(rows)} rows written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x]
+
+
+def run_matrix(args) -> list[dict]:
+    import torch
+
+    from .modes_hf import MODES, run_once
+
+    engines = [e for e in str(args.engines).split(",") if e]
+    modes = [m for m in str(args.modes).split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    hooks = _hooks(args.hooks)
+    rows: list[dict] = []
+    for engine in engines:
+        if engine != "hf":
+            for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
+                rows += [_row(engine, m, b, d, args.prompt_len, -1,
+                              status=f"skipped: no {engine} adapter in this dmi version") for m in modes]
+            print(f"matrix_bench: {engine}: skipped (no adapter in this dmi version)", file=sys.stderr)
+            continue
+        from .models import load_model
+
+        device = torch.device(args.device)
+        model = load_model(args.model, args.device, getattr(torch, args.dtype))
+        vocab = model.config.vocab_size
+        with tempfile.TemporaryDirectory() as work:
+            for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
+                g = torch.Generator().manual_seed(b * 1000 + d)
+                ids = torch.randint(1, vocab, (b, args.prompt_len), generator=g).to(device)
+                for m in modes:  # warm-up, not recorded
+                    run_once(model, m, ids, min(d, 2), hooks, args.ring_bytes, work)
+                for r in range(args.repeats):
+                    order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate: no mode always first
+                    for m in order:
+                        if torch.cuda.is_available():
+                            torch.cuda.reset_peak_memory_stats()
+                        facts = run_once(model, m, ids, d, hooks, args.ring_bytes, work)
+                        rows.append(_row(engine, m, b, d, args.prompt_len, r, **facts, peak_mem=_peak(device)))
+                    print(f"matrix_bench: {engine} batch {b} decode {d} repeat {r + 1}/{args.repeats} done",
+                          file=sys.stderr)
+    return rows
+
+
+def _row(engine, mode, batch, decode, prompt, repeat, seconds=float("nan"), bytes_captured=0, rows_dropped=0,
+         close_s=0.0, peak_mem=0, status="ok") -> dict:
+    tokens = batch * decode
+    return dict(engine=engine, mode=mode, batch=batch, decode_len=decode, prompt_len=prompt, repeat=repeat,
+                seconds=seconds, tokens_per_s=tokens / seconds if seconds == seconds else float("nan"),
+                step_ms=1000 * seconds / decode if seconds == seconds else float("nan"),
+                bytes_captured=bytes_captured, rows_dropped=rows_dropped, close_s=close_s, peak_mem=peak_mem,
+                status=status)
+
+
+def _hooks(s: str) -> list[str]:
+    if s.endswith((".json", ".yaml", ".yml")):
+        import dmi
+
+        return dmi.CaptureSpec.from_file(s).hooks
+    return [h for h in s.split(",") if h]
+
+
+def _peak(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    import dmi
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return {"machine": f"{platform.machine()} {platform.processor()} {platform.node()}", "cpus": _cpus(),
+            "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "dmi": dmi.__version__, "git_revision": rev,
+            "model": args.model, "hooks": args.hooks, "dtype": args.dtype, "device": args.device,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0

@@ -1,0 +1,89 @@
+"""One timed generate per call, for each mode, on an HF model."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+
+import torch
+
+import dmi
+
+MODES = ("off", "dmi", "dmi-null", "hf-hidden-states", "forward-hook-cpu")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _forward_hooks_cpu(model):
+    """The baseline people write by hand: a forward hook per layer copying to the CPU each step."""
+    kept = []
+    handles = [layer.register_forward_hook(lambda m, a, o: kept.append(o.detach().cpu()))
+               for layer in model.model.layers]
+    handles.append(model.lm_head.register_forward_hook(lambda m, a, o: kept.append(o.detach().cpu())))
+    try:
+        yield kept
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _hidden_states_cpu(model):
+    """HF's own feature: output_hidden_states, moved to the CPU every step."""
+    kept = []
+    h = model.register_forward_hook(lambda m, a, o: kept.extend(x.detach().cpu() for x in o.hidden_states))
+    try:
+        yield {"output_hidden_states": True}
+    finally:
+        h.remove()
+
+
+def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[str], ring_bytes: int,
+             workdir: str) -> dict:
+    """Time one generate of `decode_len` tokens under `mode`; returns seconds and capture facts."""
+    device = ids.device
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_len,
+                  min_new_tokens=decode_len, do_sample=False, pad_token_id=0)
+    facts = {"bytes_captured": 0, "rows_dropped": 0, "close_s": 0.0}
+    ctx: contextlib.AbstractContextManager
+    session = None
+    if mode == "off":
+        ctx = contextlib.nullcontext()
+    elif mode in ("dmi", "dmi-null"):
+        fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
+        os.close(fd)
+        os.unlink(path)
+        spec = dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=path,
+                               # dmi-null: capture points armed and called, every row filtered out
+                               requests={"ids": ["none"]} if mode == "dmi-null" else {})
+        session = dmi.attach(model, spec)
+        ctx = contextlib.nullcontext()
+    elif mode == "hf-hidden-states":
+        ctx = _hidden_states_cpu(model)
+    elif mode == "forward-hook-cpu":
+        ctx = _forward_hooks_cpu(model)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    with ctx as extra:
+        if isinstance(extra, dict):
+            kwargs.update(extra)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**kwargs)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    if session is not None:
+        t1 = time.perf_counter()
+        stats = session.stats()
+        session.close()
+        facts["close_s"] = time.perf_counter() - t1
+        facts["bytes_captured"] = stats["bytes_captured"]
+        facts["rows_dropped"] = stats["rows"]["dropped"]
+        os.unlink(spec.sink)
+    return {"seconds": seconds, **facts}

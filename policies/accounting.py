@@ -1,0 +1,75 @@
+"""The books: per hook, rows produced = filtered + written + dropped, always.
+
+`in_flight` rows are captured but not yet written; after a flush it is zero.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+
+class Accounting:
+    COUNTERS = ("produced", "filtered", "written", "dropped", "in_flight")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.hooks: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.COUNTERS, 0))
+        self.drop_reasons: dict[str, int] = defaultdict(int)
+        self.bytes_captured = 0
+        self.bytes_written = 0
+        self.frames = 0
+        self.steps = 0
+        self.errors: list[str] = []
+        self.started = time.monotonic()
+
+    def captured(self, hook: str, produced: int, filtered: int, kept: int, nbytes: int) -> None:
+        with self._lock:
+            h = self.hooks[hook]
+            h["produced"] += produced
+            h["filtered"] += filtered
+            h["in_flight"] += kept
+            self.bytes_captured += nbytes
+            self.frames += 1
+
+    def dropped(self, hook: str, n: int, reason: str, produced: int = 0, filtered: int = 0,
+                in_flight: bool = False) -> None:
+        with self._lock:
+            h = self.hooks[hook]
+            h["produced"] += produced
+            h["filtered"] += filtered
+            h["dropped"] += n
+            if in_flight:
+                h["in_flight"] -= n
+            self.drop_reasons[reason] += n
+
+    def written(self, hook: str, n: int, nbytes: int) -> None:
+        with self._lock:
+            h = self.hooks[hook]
+            h["written"] += n
+            h["in_flight"] -= n
+            self.bytes_written += nbytes
+
+    def error(self, message: str) -> None:
+        with self._lock:
+            if message not in self.errors:
+                self.errors.append(message)
+
+    def snapshot(self, ring=None) -> dict:
+        with self._lock:
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            snap = {
+                "hooks": {k: dict(v) for k, v in self.hooks.items()},
+                "drop_reasons": dict(self.drop_reasons),
+                "bytes_captured": self.bytes_captured,
+                "bytes_written": self.bytes_written,
+                "frames": self.frames,
+                "steps": self.steps,
+                "elapsed_s": elapsed,
+                "write_mb_s": self.bytes_written / elapsed / 1e6,
+                "errors": list(self.errors),
+            }
+        snap["rows"] = {c: sum(h[c] for h in snap["hooks"].values()) for c in self.COUNTERS}
+        if ring is not None:
+            snap["ring"] = {"bytes": ring.capacity, "fill": ring.fill(), "high_water_bytes": ring.high_water}
+        return snap

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmi.tiny import FAMILIES, build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny_model(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def load(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    cache = {}
+
+    def _load(family: str, attn: str = "eager", dtype=torch.float32):
+        key = (family, attn, dtype)
+        if key not in cache:
+            cache[key] = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], attn_implementation=attn,
+                                                              dtype=dtype).eval()
+        return cache[key]
+
+    return _load
+
+
+@pytest.fixture
+def out(tmp_path):
+    return str(tmp_path / "cap.h5")

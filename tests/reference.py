@@ -1,0 +1,84 @@
+"""An independent oracle: what an unpadded single-sequence HF forward computes at every
+position, read with output_hidden_states / output_attentions, a few plain forward hooks,
+and algebra on the residual stream. It shares no code with dmi's architecture tables."""
+from __future__ import annotations
+
+import torch
+
+
+def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    gpt2 = cfg.model_type == "gpt2"
+    layers = model.transformer.h if gpt2 else model.model.layers
+    n = len(layers)
+    rec: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name, fn):
+        return lambda m, a, o: rec.__setitem__(name, fn(a, o))
+
+    for i, layer in enumerate(layers):
+        attn = layer.attn if gpt2 else layer.self_attn
+        handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out", lambda a, o: o[0])))
+        handles.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post", lambda a, o: o if torch.is_tensor(o) else o[0])))
+        oproj = attn.c_proj if gpt2 else attn.o_proj
+        handles.append(oproj.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(f"z{i}", a[0])))
+        mlp = layer.mlp
+        down = getattr(mlp, "c_proj", None) if gpt2 else getattr(mlp, "down_proj", None)
+        if down is not None:
+            handles.append(down.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(f"blocks.{i}.mlp.hook_post", a[0])))
+        gate = getattr(mlp, "gate", None)
+        if gate is not None and not isinstance(gate, torch.nn.Linear):
+            handles.append(gate.register_forward_hook(lambda m, a, o, i=i: rec.__setitem__(f"router{i}", o)))
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([seq]), output_hidden_states=True, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+
+    hs = out.hidden_states
+    H = cfg.n_head if gpt2 else cfg.num_attention_heads
+    D = cfg.n_embd // H if gpt2 else cfg.head_dim
+    KV = H if gpt2 else cfg.num_key_value_heads
+    ref = {"hook_embed": _embed(model, seq), "ln_final.hook_normalized": hs[-1][0], "hook_logits": out.logits[0]}
+    for i, layer in enumerate(layers):
+        pre = hs[i][0]
+        ref[f"blocks.{i}.hook_resid_pre"] = pre
+        post = rec[f"blocks.{i}.hook_resid_post"][0]
+        ref[f"blocks.{i}.hook_resid_post"] = post
+        attn_out = rec[f"blocks.{i}.hook_attn_out"][0]
+        ref[f"blocks.{i}.hook_attn_out"] = attn_out
+        mid = pre + attn_out
+        ref[f"blocks.{i}.hook_resid_mid"] = mid
+        ref[f"blocks.{i}.hook_mlp_out"] = post - mid
+        ref[f"blocks.{i}.attn.hook_z"] = rec[f"z{i}"][0].unflatten(-1, (H, D))
+        if f"blocks.{i}.mlp.hook_post" in rec:
+            ref[f"blocks.{i}.mlp.hook_post"] = rec[f"blocks.{i}.mlp.hook_post"][0]
+        if out.attentions and len(out.attentions) > i and out.attentions[i] is not None:
+            ref[f"blocks.{i}.attn.hook_pattern"] = out.attentions[i][0].transpose(0, 1)  # [q, head, k]
+        with torch.no_grad():
+            if gpt2:
+                q, k, v = layer.attn.c_attn(layer.ln_1(pre)).split(cfg.n_embd, dim=-1)
+            else:
+                x = layer.input_layernorm(pre)
+                q = layer.self_attn.q_proj(x).unflatten(-1, (H, D))
+                k = layer.self_attn.k_proj(x).unflatten(-1, (KV, D))
+                v = layer.self_attn.v_proj(x)
+                if hasattr(layer.self_attn, "q_norm"):
+                    q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
+        ref[f"blocks.{i}.attn.hook_q"] = q.reshape(len(seq), H, D)
+        ref[f"blocks.{i}.attn.hook_k"] = k.reshape(len(seq), KV, D)
+        ref[f"blocks.{i}.attn.hook_v"] = v.reshape(len(seq), KV, D)
+        if f"router{i}" in rec:
+            logits, weights, ids = rec[f"router{i}"]
+            ref[f"blocks.{i}.mlp.hook_router_logits"] = logits
+            ref[f"blocks.{i}.mlp.hook_topk_weights"] = weights
+            ref[f"blocks.{i}.mlp.hook_topk_ids"] = ids
+    return ref
+
+
+def _embed(model, seq):
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        return emb(torch.tensor(seq))
