@@ -1,6 +1,6 @@
 """Capture ops: the only code that writes into the payload ring.
 
-`dmi::capture` is a torch.library custom op that mutates the ring, with a fake impl, so
+`dmi::capture` is a torch.library op that mutates the ring, with a fake impl, so
 torch.compile keeps it as one opaque node (never traced through, never reordered away)
 and a CUDA graph records it as a kernel. Where a row goes is read from a small control
 tensor the host updates per step, so a replayed graph writes each step to the right place.

@@ -8,9 +8,16 @@ CTRL_ENABLED = 0
 CTRL_OFFSET = 1
 CTRL_WIDTH = 2
 
+# Defined through torch.library's schema API rather than the @custom_op decorator: same
+# opaque op, same mutation annotation (`Tensor(a!) ring`), same fake impl for torch.compile,
+# but the decorator's Python autograd/ADInplaceOrView wrappers cost ~15 us a call, ~3x the
+# copy itself for a decode step's rows (measured on CPU; see docs/decisions.md).
+_lib = torch.library.Library("dmi", "DEF")
+_lib.define("capture(Tensor(a!) ring, Tensor x, Tensor src_rows, Tensor ctrl, int slot) -> ()")
 
-@torch.library.custom_op("dmi::capture", mutates_args=("ring",), device_types=None)
-def capture(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ctrl: torch.Tensor, slot: int) -> None:
+
+def _capture_impl(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ctrl: torch.Tensor,
+                  slot: int) -> None:
     """Copy rows `src_rows` of `x` (viewed as [rows, ...]) into `ring` at ctrl[slot]'s offset.
 
     ring: uint8 [ring_bytes]; x: [rows, *row_shape] any dtype; src_rows: int64 [n];
@@ -21,9 +28,18 @@ def capture(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ctrl: t
     capture_rows(ring, x, src_rows, ctrl, slot)
 
 
-@capture.register_fake
+# CompositeExplicitAutograd: one kernel for every device and no autograd (captures are
+# side effects on a buffer that never requires grad). A CUDA-specific kernel registered
+# later for the CUDA key takes precedence there.
+_lib.impl("capture", _capture_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("dmi::capture")
 def _capture_fake(ring, x, src_rows, ctrl, slot) -> None:
     return None
+
+
+capture = torch.ops.dmi.capture.default
 
 
 def capture_reference(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, offset: int) -> None:

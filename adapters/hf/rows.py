@@ -61,7 +61,7 @@ def row_table(args: tuple, kwargs: dict, counter: RequestCounter, gen: GenerateS
                 else torch.arange(m.shape[1] - T, m.shape[1]))
         real = m[:, cols].bool().numpy()
         position = (m.cumsum(1)[:, cols] - 1).numpy()
-        key_mask = m.bool()
+        key_mask = m.bool().numpy()
     else:
         start = int(cache_pos[0]) if cache_pos is not None else past_len
         real = np.ones((B, T), dtype=bool)

@@ -15,23 +15,27 @@ from .hostqueue import ByteBoundedQueue
 log = logging.getLogger("dmi")
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """Host tensor -> numpy, bfloat16 as its uint16 bit patterns (lossless; numpy has no bf16)."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+# numpy has no bfloat16: bf16 travels as its uint16 bit patterns (lossless), like every
+# other dtype as the same-width numpy type.
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float64: np.float64,
+       torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+       torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
-def compact_pattern(rows: torch.Tensor, slot: Slot) -> torch.Tensor:
+def numpy_dtype(dtype: torch.dtype):
+    return _NP[dtype]
+
+
+def compact_pattern(rows: np.ndarray, slot: Slot) -> np.ndarray:
     """[n, heads, keys] over the step's key columns -> [n, heads, max_pos+1] over the request's
     own keys 0..position, in order (padding keys removed; a causal pattern is 0 beyond)."""
     plan = slot.plan
     pos = plan.rows.position[slot.token_idx]
     width = int(pos.max()) + 1 if pos.size else 1
-    out = rows.new_zeros((rows.shape[0], rows.shape[1], width))
+    out = np.zeros((rows.shape[0], rows.shape[1], width), dtype=rows.dtype)
     mask = plan.rows.key_mask
     for i, (b, p) in enumerate(zip(slot.pattern_batch, pos)):
-        cols = torch.nonzero(mask[b], as_tuple=True)[0][: p + 1] if mask is not None else torch.arange(p + 1)
+        cols = np.flatnonzero(mask[b])[: p + 1] if mask is not None else np.arange(p + 1)
         out[i, :, : len(cols)] = rows[i][:, cols]
     return out
 
@@ -47,6 +51,7 @@ class Drain:
         self.acct = accounting
         self.hook_infos = hook_infos      # hook index -> HookInfo, filled by the session
         self.host = ByteBoundedQueue(host_bytes)
+        self._ring_np = ring.buffer.numpy() if ring.buffer.device.type == "cpu" else None
         self.sink_failed: str | None = None
         self._drain = threading.Thread(target=self._drain_loop, name="dmi-drain", daemon=True)
         self._sinker = threading.Thread(target=self._sink_loop, name="dmi-sink", daemon=True)
@@ -82,11 +87,15 @@ class Drain:
             self.host.put(block, block.data.nbytes)
 
     def _copy_out(self, slot: Slot) -> RowBlock:
-        raw = self.ring.view(slot.offset, slot.nbytes)
-        host = raw.to("cpu", copy=True) if raw.device.type != "cpu" else raw.clone()
+        # numpy, not torch, on this thread: a torch op here would start a second OpenMP
+        # team that fights the engine's own for the cores.
+        if self._ring_np is not None:
+            host = self._ring_np[slot.offset: slot.offset + slot.nbytes].copy()
+        else:
+            host = self.ring.view(slot.offset, slot.nbytes).cpu().numpy()
         self.ring.release(slot.offset)
         n = len(slot.token_idx)
-        rows = host.view(slot.dtype).reshape(n, *slot.row_shape)
+        rows = host.view(numpy_dtype(slot.dtype)).reshape(n, *slot.row_shape)
         info = self.hook_infos[slot.hook]
         if info.ragged:
             rows = compact_pattern(rows, slot)
@@ -94,7 +103,7 @@ class Drain:
         req = table.request[slot.token_idx]
         return RowBlock(
             hook=info,
-            data=to_numpy(rows),
+            data=rows,
             request=[table.request_ids[r] for r in req],
             position=table.position[slot.token_idx].astype(np.int64),
             step=np.full(n, slot.plan.step, dtype=np.int64),

@@ -28,7 +28,7 @@ class RowTable:
     request: np.ndarray          # int32 [batch*tokens]: index into request_ids, -1 for padding
     position: np.ndarray         # int64 [batch*tokens]: position within the request, from 0
     phase: np.ndarray            # int8 [batch*tokens]: PREFILL or DECODE
-    key_mask: torch.Tensor | None = None  # bool [batch, keys]: real keys, for attention patterns
+    key_mask: np.ndarray | None = None   # bool [batch, keys]: real keys, for attention patterns
 
 
 @dataclass

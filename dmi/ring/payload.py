@@ -18,7 +18,10 @@ ALIGN = 64  # bytes; keeps every slot aligned for any dtype and for wide GPU loa
 class PayloadRing:
     def __init__(self, nbytes: int, device: torch.device | str = "cpu"):
         self.capacity = int(nbytes)
-        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=device)
+        # zeros, not empty: every page is touched now, at attach, so the memory shows in the
+        # process (and the engine's accounting) before the KV cache is sized, and the hot path
+        # never takes a first-touch page fault.
+        self.buffer = torch.zeros(self.capacity, dtype=torch.uint8, device=device)
         self._lock = threading.Condition()
         self._live: deque[tuple[int, int]] = deque()  # (start, end), oldest first
         self._head = 0        # next free byte
