@@ -16,7 +16,7 @@ import torch
 from dmi import __version__
 from dmi.drain import Drain
 from dmi.errors import RingTooSmallError, SessionStateError
-from dmi.kernels import CTRL_WIDTH, capture as capture_op
+from dmi.kernels.capture_op import CTRL_WIDTH, capture as capture_op
 from dmi.policies import Accounting, RowFilter
 from dmi.ring import FrameRing, PayloadRing, Slot, StepPlan
 from dmi.ring.frames import Marker, RowTable

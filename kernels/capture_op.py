@@ -1,3 +1,4 @@
+"""The dmi::capture op and its CPU registration; see the package docstring."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ def _capture_impl(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, c
     ring: uint8 [ring_bytes]; x: [rows, *row_shape] any dtype; src_rows: int64 [n];
     ctrl: int64 [n_slots, CTRL_WIDTH]. A disabled slot writes nothing (a dropped frame).
     """
-    from .cpu import capture_rows
+    from dmi.kernels.cpu import capture_rows
 
     capture_rows(ring, x, src_rows, ctrl, slot)
 

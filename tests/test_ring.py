@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmi.kernels import capture, capture_reference
+from dmi.kernels.capture_op import capture, capture_reference
 from dmi.ring import PayloadRing
 from dmi.ring.payload import ALIGN
 
