@@ -26,7 +26,8 @@ def demo(args) -> None:
     spec = dmi.CaptureSpec(hooks=["resid", "attn", "blocks.*.attn.hook_pattern", "mlp", "hook_logits"],
                            sink=args.out)
     texts, _ = generate_with_capture(model, tokenizer, DEMO_PROMPTS, spec, args.max_new_tokens, batch_size=4)
+    print("generated (random weights, so the bytes are noise; the capture is what matters):")
     for p, t in zip(DEMO_PROMPTS, texts):
-        print(f"  {p!r} -> {t!r}")
+        print(f"  {p!r} -> {t.encode('utf-8', 'replace')[:40]!r}")
     print()
     print(summarize(dmi.open(args.out)))

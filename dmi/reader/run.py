@@ -184,7 +184,12 @@ class Run:
     @_live
     def hooks(self) -> list[str]:
         if self._hooks is None:
-            self._hooks = sorted(self.file["hooks"].keys(), key=natural_key)
+            # Forward order, as the session selected them; hooks the file has beyond that list
+            # (a plugin sink's, a newer writer's) follow in natural order.
+            stored = set(self.file["hooks"].keys())
+            selected = self.meta.get("hooks")
+            first = [h for h in selected if h in stored] if isinstance(selected, list) else []
+            self._hooks = first + sorted(stored - set(first), key=natural_key)
         return list(self._hooks)
 
     @property
@@ -241,8 +246,14 @@ class Run:
 
     @_live
     def nbytes(self, hook: str) -> int:
-        """Bytes the hook's data occupies in the file."""
+        """Bytes the hook's data occupies in the file (whole chunks, so at least one chunk)."""
         return int(self._group(hook)["data"].id.get_storage_size())
+
+    @_live
+    def data_bytes(self, hook: str) -> int:
+        """Bytes of the rows themselves: rows x row size."""
+        ds = self._group(hook)["data"]
+        return int(ds.shape[0] * int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
 
     # -- rows --------------------------------------------------------------------------------
 

@@ -42,11 +42,12 @@ def summarize(run: Run) -> str:
     if hooks:
         out += _table(["hook", "dtype", "row shape", "rows", "MB"], [
             [h, run.dtype(h) + (" ragged" if run.ragged(h) else ""), _shape(run.shape(h)),
-             str(run.num_rows(h)), f"{run.nbytes(h) / 1e6:.2f}"]
+             str(run.num_rows(h)), f"{run.data_bytes(h) / 1e6:.2f}"]
             for h in hooks
         ], right={3, 4})
         out.append(f"total: {sum(run.num_rows(h) for h in hooks)} rows, "
-                   f"{sum(run.nbytes(h) for h in hooks) / 1e6:.2f} MB")
+                   f"{sum(run.data_bytes(h) for h in hooks) / 1e6:.2f} MB of rows "
+                   f"({sum(run.nbytes(h) for h in hooks) / 1e6:.2f} MB in whole chunks on disk)")
     out += [""] + _drops(run)
     if hooks:
         out += [""] + _norms(run, hooks)

@@ -123,7 +123,7 @@ class HDF5Sink(Sink):
 
     check_writable = staticmethod(check_writable)
 
-    def __init__(self, path: str, chunk_bytes: int = 1 << 20, flush_every_s: float = 2.0) -> None:
+    def __init__(self, path: str, chunk_bytes: int = 256 << 10, flush_every_s: float = 2.0) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.path = os.fspath(Path(os.fspath(path)).expanduser())

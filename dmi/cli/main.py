@@ -1,0 +1,5 @@
+import sys
+
+from dmi.cli import main
+
+sys.exit(main())
