@@ -87,6 +87,7 @@ class Session:
     def end_step(self) -> None:
         if self.plan is not None:
             self.plan = None
+            self.frames.seal()
             self.step += 1
             self.acct.steps = self.step
 
@@ -122,8 +123,9 @@ class Session:
         row_bytes = math.prod(rows_x.shape[1:]) * rows_x.element_size()
         nbytes = n * row_bytes
         off = self.ring.alloc(nbytes, wait=self.spec.overload == "block", timeout=BLOCK_TIMEOUT_S,
-                              alive=self.drain.alive)
+                              alive=self.drain.alive, before_wait=self.frames.seal)
         if off is None:
+            self.frames.seal()  # let the drain free what this step already wrote
             self._drop(name, sel, plan, nbytes)
             return
         self._ctrl_np[i, 0] = 1

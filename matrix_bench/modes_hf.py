@@ -38,7 +38,7 @@ def _hidden_states_cpu(model):
     kept = []
     h = model.register_forward_hook(lambda m, a, o: kept.extend(x.detach().cpu() for x in o.hidden_states))
     try:
-        yield {"output_hidden_states": True}
+        yield {"output_hidden_states": True, "return_dict_in_generate": True}
     finally:
         h.remove()
 

@@ -40,6 +40,26 @@ def compact_pattern(rows: np.ndarray, slot: Slot) -> np.ndarray:
     return out
 
 
+def _merge(info, parts: list) -> RowBlock:
+    """One row block from consecutive slots of one hook (several steps)."""
+    datas = [compact_pattern(rows, slot) if info.ragged else rows for rows, slot in parts]
+    if info.ragged:
+        width = max(d.shape[-1] for d in datas)
+        datas = [np.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, width - d.shape[-1])]) for d in datas]
+    request: list[str] = []
+    for _, slot in parts:
+        table = slot.plan.rows
+        ids = table.request_ids
+        request += [ids[r] for r in table.request[slot.token_idx]]
+    return RowBlock(
+        hook=info,
+        data=datas[0] if len(datas) == 1 else np.concatenate(datas),
+        request=request,
+        position=np.concatenate([slot.plan.rows.position[slot.token_idx] for _, slot in parts]).astype(np.int64),
+        step=np.concatenate([np.full(len(slot.token_idx), slot.plan.step, dtype=np.int64) for _, slot in parts]),
+    )
+
+
 class Drain:
     """Owns the drain thread (ring -> host) and the sink thread (host -> sink)."""
 
@@ -66,48 +86,44 @@ class Drain:
     # -- drain thread -----------------------------------------------------------------
     def _drain_loop(self) -> None:
         while True:
-            item = self.frames.get()
-            if isinstance(item, Marker):
+            items = self.frames.take_all(timeout=0.05)
+            pending: dict[int, list] = {}  # hook -> [(rows, slot)], merged into one block per hook
+            for item in items:
+                if isinstance(item, Slot):
+                    self._copy_out(item, pending)
+                    continue
+                self._hand_over(pending)  # order: everything before a marker or gap goes first
                 self.host.put(item)
-                if item.kind == "stop":
+                if isinstance(item, Marker) and item.kind == "stop":
                     return
-                continue
-            if isinstance(item, GapBlock):
-                self.host.put(item)
-                continue
+            self._hand_over(pending)
+
+    def _copy_out(self, slot: Slot, pending: dict) -> None:
+        try:
+            # numpy, not torch, on this thread: a torch op here would start a second OpenMP
+            # team that fights the engine's own for the cores.
+            if self._ring_np is not None:
+                host = self._ring_np[slot.offset: slot.offset + slot.nbytes].copy()
+            else:
+                host = self.ring.view(slot.offset, slot.nbytes).cpu().numpy()
+        finally:
+            self.ring.release(slot.offset)
+        rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
+        pending.setdefault(slot.hook, []).append((rows, slot))
+
+    def _hand_over(self, pending: dict) -> None:
+        for hook, parts in pending.items():
+            info = self.hook_infos[hook]
             try:
-                block = self._copy_out(item)
+                block = _merge(info, parts)
             except Exception as e:  # a bug here must not take the engine down; count and go on
-                self.ring.release(item.offset)
-                info = self.hook_infos[item.hook]
                 self.acct.error(f"drain: {type(e).__name__}: {e}")
                 log.error("dmi drain failed on %s: %s", info.name, traceback.format_exc())
-                self.acct.dropped(info.name, len(item.token_idx), "drain_error", in_flight=True)
+                self.acct.dropped(info.name, sum(len(s.token_idx) for _, s in parts), "drain_error",
+                                  in_flight=True)
                 continue
             self.host.put(block, block.data.nbytes)
-
-    def _copy_out(self, slot: Slot) -> RowBlock:
-        # numpy, not torch, on this thread: a torch op here would start a second OpenMP
-        # team that fights the engine's own for the cores.
-        if self._ring_np is not None:
-            host = self._ring_np[slot.offset: slot.offset + slot.nbytes].copy()
-        else:
-            host = self.ring.view(slot.offset, slot.nbytes).cpu().numpy()
-        self.ring.release(slot.offset)
-        n = len(slot.token_idx)
-        rows = host.view(numpy_dtype(slot.dtype)).reshape(n, *slot.row_shape)
-        info = self.hook_infos[slot.hook]
-        if info.ragged:
-            rows = compact_pattern(rows, slot)
-        table = slot.plan.rows
-        req = table.request[slot.token_idx]
-        return RowBlock(
-            hook=info,
-            data=rows,
-            request=[table.request_ids[r] for r in req],
-            position=table.position[slot.token_idx].astype(np.int64),
-            step=np.full(n, slot.plan.step, dtype=np.int64),
-        )
+        pending.clear()
 
     # -- sink thread ------------------------------------------------------------------
     def _sink_loop(self) -> None:

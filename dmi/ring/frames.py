@@ -7,7 +7,8 @@ the producer to the drain thread, in the order the payload was written.
 """
 from __future__ import annotations
 
-import queue
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,16 +88,48 @@ class Marker:
 
 
 class FrameRing:
-    """The host frame ring: a bounded FIFO of slot descriptors and markers."""
+    """The host frame ring: a bounded FIFO of slot descriptors and markers.
+
+    The producer appends without waking anyone; the drain is woken once per step when the
+    frame is sealed (or when the ring is half full, or a marker arrives) and takes
+    everything pending in one go. On a CPU host every wake-up of another Python thread
+    costs the engine's thread a GIL hand-off, so one per step, not one per hook.
+    """
 
     def __init__(self, capacity: int = 4096):
-        self._q: queue.Queue = queue.Queue(maxsize=capacity)
+        self.capacity = capacity
+        self._items: deque = deque()
+        self._cv = threading.Condition()
+        self._sealed = False
 
-    def put(self, item, timeout: float | None = None) -> None:
-        self._q.put(item, timeout=timeout)
+    def put(self, item, wake: bool = False) -> None:
+        with self._cv:
+            while len(self._items) >= self.capacity:
+                self._sealed = True
+                self._cv.notify_all()
+                self._cv.wait()
+            self._items.append(item)
+            if wake or isinstance(item, Marker) or len(self._items) >= self.capacity // 2:
+                self._sealed = True
+                self._cv.notify_all()
 
-    def get(self, timeout: float | None = None):
-        return self._q.get(timeout=timeout)
+    def seal(self) -> None:
+        """The step's frame is complete: let the drain take it."""
+        with self._cv:
+            if self._items:
+                self._sealed = True
+                self._cv.notify_all()
+
+    def take_all(self, timeout: float | None = None) -> list:
+        """Everything pending, once sealed (or after `timeout` with anything pending)."""
+        with self._cv:
+            if not (self._sealed and self._items):
+                self._cv.wait_for(lambda: self._sealed and self._items, timeout)
+            items = list(self._items)
+            self._items.clear()
+            self._sealed = False
+            self._cv.notify_all()
+            return items
 
     def __len__(self) -> int:
-        return self._q.qsize()
+        return len(self._items)

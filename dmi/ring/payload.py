@@ -53,11 +53,12 @@ class PayloadRing:
         return self._head if self._head + n <= tail else None  # wrapped (or full when equal)
 
     def alloc(self, nbytes: int, wait: bool, timeout: float | None = None,
-              alive=lambda: True) -> int | None:
+              alive=lambda: True, before_wait=None) -> int | None:
         """Reserve nbytes; returns the byte offset, or None if it can't be had.
 
         wait=True blocks until the drain releases enough space (the `block` policy), for at
         most `timeout` seconds, and gives up early if `alive()` turns false (drain died).
+        `before_wait()` runs (outside the lock) once before the first wait: it wakes the drain.
         """
         n = self.aligned(nbytes)
         if n > self.capacity:
@@ -75,6 +76,14 @@ class PayloadRing:
                     return start
                 if not wait or not alive():
                     return None
+                if before_wait is not None:
+                    self._lock.release()
+                    try:
+                        before_wait()
+                    finally:
+                        self._lock.acquire()
+                    before_wait = None
+                    continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
