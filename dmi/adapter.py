@@ -34,6 +34,10 @@ class Adapter:
         """(model name or path, model config as a JSON-able dict)"""
         raise NotImplementedError
 
+    def resolve(self, patterns: list[str]) -> list[str]:
+        """The hook names `patterns` select on this engine, without binding anything."""
+        raise NotImplementedError
+
     def bind(self, patterns: list[str]) -> list[Binding]:
         """Resolve the spec's hook patterns to this engine's capture points; raise a SpecError
         subclass naming what is wrong. Must not modify the engine."""

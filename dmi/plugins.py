@@ -34,6 +34,11 @@ class DmiHookSpecs:
     def dmi_arch_tables(self, engine: str):
         """Return a list of architecture tables for engine kind `engine` ("hf", ...), or None."""
 
+    @hookspec
+    def dmi_request_predicates(self):
+        """Return {name: predicate(request_id: str) -> bool}; a spec selects one by name
+        (requests.predicate) to decide, once per request, whether it is captured."""
+
 
 _pm: pluggy.PluginManager | None = None
 _lock = threading.Lock()
@@ -63,6 +68,13 @@ def arch_tables(engine: str) -> list:
     out = []
     for tables in manager().hook.dmi_arch_tables(engine=engine):
         out.extend(tables or [])
+    return out
+
+
+def request_predicates() -> dict:
+    out: dict = {}
+    for found in manager().hook.dmi_request_predicates():
+        out.update(found or {})
     return out
 
 

@@ -19,7 +19,7 @@ class Progress:
         s = self.session.stats()
         rows = s["rows"]
         return (f"dmi: step {s['steps']}  frames {s['frames']}  rows {rows['written']}/{rows['produced']} written  "
-                f"{s['bytes_written'] / 1e6:.1f} MB at {s['write_mb_s']:.1f} MB/s  "
+                f"{s['bytes_written'] / 1e6:.1f} MB at {s['sink_mb_s']:.1f} MB/s (drain {s['drain_mb_s']:.1f})  "
                 f"ring {100 * s['ring']['fill']:.0f}% (peak {100 * s['ring']['high_water_bytes'] / s['ring']['bytes']:.0f}%)  "
                 f"dropped {rows['dropped']}")
 

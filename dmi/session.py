@@ -15,7 +15,7 @@ import torch
 
 from dmi import __version__
 from dmi.drain import Drain
-from dmi.errors import RingTooSmallError, SessionStateError
+from dmi.errors import RingTooSmallError, SessionStateError, SpecError
 from dmi.kernels.capture_op import CTRL_WIDTH, capture as capture_op
 from dmi.policies import Accounting, RowFilter
 from dmi.ring import FrameRing, PayloadRing, Slot, StepPlan
@@ -49,7 +49,9 @@ class Session:
                 f"({need} bytes for {len(self.bindings)} hooks); raise ring.bytes to at least {need}, "
                 f"or select fewer hooks")
         self.names = [b.name for b in self.bindings]
-        self.filter = RowFilter(spec)
+        self.fallback_hooks = self._check_fallback(spec)
+        self.filter = RowFilter(spec, predicate=_predicate(spec.requests.predicate))
+        self.degraded = False
         self.acct = Accounting()
         self.sink = sink
 
@@ -80,9 +82,39 @@ class Session:
             raise
         _ARMED[id(engine)] = self
 
+    def _check_fallback(self, spec) -> set[int]:
+        """Indices of the hooks the degrade fallback keeps; it must be a subset of the spec."""
+        if spec.degrade is None:
+            return set(range(len(self.names)))
+        fb = spec.degrade.fallback
+        names = self.adapter.resolve(fb.hooks)
+        extra = [n for n in names if n not in self.names]
+        if extra:
+            raise SpecError("degrade.fallback.hooks", f"the fallback must be a subset of the spec's hooks; "
+                                                       f"not in the spec: {', '.join(extra[:5])}")
+        if not fb.tokens.is_subset_of(spec.tokens):
+            raise SpecError("degrade.fallback.tokens", f"the fallback must keep a subset of the spec's rows: "
+                                                        f"{fb.tokens!r} is not within {spec.tokens!r}")
+        return {self.names.index(n) for n in names}
+
     # -- driven by the adapter, on the engine's thread ---------------------------------
     def begin_step(self, rows: RowTable) -> None:
-        self.plan = StepPlan(self.step, rows, self.filter.keep(self.step, rows))
+        keep, fallback = self.filter.keep(self.step, rows)
+        if fallback is not None:
+            self._update_degrade()
+        self.plan = StepPlan(self.step, rows, keep, reduced=fallback if self.degraded else None)
+
+    def _update_degrade(self) -> None:
+        """Hysteresis between the watermarks: switch to the fallback above `high`, back below `low`."""
+        fill = self.ring.fill()
+        d = self.spec.degrade
+        if not self.degraded and fill >= d.high:
+            self.degraded = True
+            self.acct.switched(self.step, "fallback", fill)
+            log.warning("dmi: ring %.0f%% full at step %d: capturing the degrade fallback only", 100 * fill, self.step)
+        elif self.degraded and fill <= d.low:
+            self.degraded = False
+            self.acct.switched(self.step, "spec", fill)
 
     def end_step(self) -> None:
         if self.plan is not None:
@@ -114,15 +146,18 @@ class Session:
             self.acct.dropped(name, sel.produced - sel.filtered, "shape", produced=sel.produced,
                               filtered=sel.filtered)
             return
-        sel = plan.select(t)
+        sel = plan.select(t, in_fallback=i in self.fallback_hooks)
         info = self._info(i, rows_x)
+        if len(sel.lost_idx):
+            self._gap(name, sel.lost_idx, plan, "degraded")
         n = len(sel.token_idx)
         if n == 0:
             self.acct.captured(name, sel.produced, sel.filtered, 0, 0)
             return
         row_bytes = math.prod(rows_x.shape[1:]) * rows_x.element_size()
         nbytes = n * row_bytes
-        off = self.ring.alloc(nbytes, wait=self.spec.overload == "block", timeout=BLOCK_TIMEOUT_S,
+        # `degrade` blocks once reduced to its fallback: the fallback is the declared minimum.
+        off = self.ring.alloc(nbytes, wait=self.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
                               alive=self.drain.alive, before_wait=self.frames.seal)
         if off is None:
             self.frames.seal()  # let the drain free what this step already wrote
@@ -154,12 +189,17 @@ class Session:
             reason = "drain_stopped"
         else:
             reason = "ring_full"
-        n = len(sel.token_idx)
-        self.acct.dropped(name, n, reason, produced=sel.produced, filtered=sel.filtered)
+        self._gap(name, sel.token_idx, plan, reason, produced=sel.produced, filtered=sel.filtered)
+
+    def _gap(self, name: str, token_idx: np.ndarray, plan: StepPlan, reason: str, produced: int = 0,
+             filtered: int = 0) -> None:
+        """Count rows as dropped and record which (request, position, step) they were."""
         t = plan.rows
-        self.frames.put(GapBlock(name, [t.request_ids[r] for r in t.request[sel.token_idx]],
-                                 t.position[sel.token_idx].astype(np.int64), np.full(n, plan.step, np.int64),
-                                 reason))
+        requests = [t.request_ids[r] for r in t.request[token_idx]]
+        n = len(token_idx)
+        self.acct.dropped(name, n, reason, produced=produced, filtered=filtered, requests=requests)
+        self.frames.put(GapBlock(name, requests, t.position[token_idx].astype(np.int64),
+                                 np.full(n, plan.step, np.int64), reason))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -215,3 +255,15 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<dmi.Session {self.adapter.engine_name} hooks={len(self.names)} step={self.step} closed={self.closed}>"
+
+
+def _predicate(name: str | None):
+    if name is None:
+        return None
+    from dmi.plugins import request_predicates
+
+    found = request_predicates()
+    if name not in found:
+        raise SpecError("requests.predicate", f"no plugin registers a request predicate named {name!r}; "
+                                              f"registered: {', '.join(sorted(found)) or 'none'}")
+    return found[name]

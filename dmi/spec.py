@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dmi.errors import SpecError, closest
 
@@ -21,10 +21,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TokenFilter(_Strict):
+    """Which token rows of the selected requests are kept. All conditions must hold."""
+
+    mode: Literal["all", "prefill", "decode", "last"] = "all"
+    positions: list[tuple[int, int]] | None = None  # [start, stop) ranges of token positions
+    every: int = Field(1, ge=1)                     # positions p with p % every == 0
+
+    @field_validator("positions")
+    @classmethod
+    def _ranges(cls, v):
+        if v is not None:
+            if not v:
+                raise ValueError("an empty range list selects nothing; use null for all positions")
+            for start, stop in v:
+                if start < 0 or stop <= start:
+                    raise ValueError(f"range [{start}, {stop}) is empty or negative; write [start, stop) "
+                                     f"with 0 <= start < stop")
+        return v
+
+    def is_subset_of(self, other: "TokenFilter") -> bool:
+        """Every row this filter keeps, `other` keeps too."""
+        mode_ok = other.mode == "all" or self.mode == other.mode
+        every_ok = self.every % other.every == 0
+        if other.positions is None:
+            pos_ok = True
+        elif self.positions is None:
+            pos_ok = False
+        else:
+            pos_ok = all(any(a <= s and e <= b for a, b in other.positions) for s, e in self.positions)
+        return mode_ok and every_ok and pos_ok
+
+
 class RequestFilter(_Strict):
     ids: list[str] | None = None
     sample: float = Field(1.0, ge=0.0, le=1.0)
     seed: int = 0
+    predicate: str | None = None  # a request predicate registered by a plugin (dmi_request_predicates)
 
     @field_validator("ids")
     @classmethod
@@ -43,14 +76,44 @@ class RingSpec(_Strict):
     bytes: int = Field(256 * 2**20, gt=0)
 
 
+def _tokens(v):
+    return {"mode": v} if isinstance(v, str) else v
+
+
+class Fallback(_Strict):
+    """What `degrade` keeps while the ring is above its high watermark: a subset of the spec."""
+
+    hooks: list[str]
+    tokens: TokenFilter = Field(default_factory=TokenFilter)
+
+    _tokens = field_validator("tokens", mode="before")(classmethod(lambda cls, v: _tokens(v)))
+
+
+class DegradeSpec(_Strict):
+    fallback: Fallback
+    high: float = Field(0.75, gt=0.0, le=1.0)  # ring fill at which capture switches to the fallback
+    low: float = Field(0.25, ge=0.0, lt=1.0)   # ring fill at which it switches back
+
+    @field_validator("low")
+    @classmethod
+    def _order(cls, low, info):
+        high = info.data.get("high")
+        if high is not None and low >= high:
+            raise ValueError(f"watermarks out of order: low ({low}) must be below high ({high})")
+        return low
+
+
 class CaptureSpec(_Strict):
     hooks: list[str] = Field(default_factory=lambda: ["blocks.*.hook_resid_post"])
-    tokens: Literal["all", "prefill", "decode", "last"] = "all"
+    tokens: TokenFilter = Field(default_factory=TokenFilter)
     requests: RequestFilter = Field(default_factory=RequestFilter)
     steps: StepFilter = Field(default_factory=StepFilter)
     ring: RingSpec = Field(default_factory=RingSpec)
     overload: Literal["block", "drop", "degrade"] = "block"
+    degrade: DegradeSpec | None = None
     sink: Union[str, dict[str, Any]] = "dmi_capture.h5"
+
+    _tokens = field_validator("tokens", mode="before")(classmethod(lambda cls, v: _tokens(v)))
 
     @field_validator("hooks", mode="before")
     @classmethod
@@ -61,13 +124,14 @@ class CaptureSpec(_Strict):
             raise ValueError("no hooks selected; give names, globs or a preset such as 'resid'")
         return v
 
-    @field_validator("overload")
-    @classmethod
-    def _overload_available(cls, v):
-        if v == "degrade":
-            # Needs a declared fallback spec and watermarks; not in this version yet.
-            raise ValueError("'degrade' is not available in this version; use 'block' (lossless) or 'drop' (counted)")
-        return v
+    @model_validator(mode="after")
+    def _degrade_declared(self):
+        if self.overload == "degrade" and self.degrade is None:
+            raise ValueError("overload 'degrade' needs a declared fallback: degrade={'fallback': {'hooks': [...], "
+                             "'tokens': ...}, 'high': 0.75, 'low': 0.25}")
+        if self.degrade is not None and self.overload != "degrade":
+            raise ValueError(f"a degrade fallback is declared but overload is {self.overload!r}; set overload='degrade'")
+        return self
 
     # -- construction from user input -------------------------------------------------
     @classmethod
@@ -116,12 +180,16 @@ class CaptureSpec(_Strict):
 
 def _as_spec_error(e: pydantic.ValidationError) -> SpecError:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "spec"
+    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "spec"
+    if err["type"] == "value_error" and not err["loc"] and "degrade" in err["msg"]:
+        loc = "overload"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         parent = CaptureSpec
         for part in err["loc"][:-1]:
-            parent = parent.model_fields[part].annotation
+            ann = parent.model_fields[part].annotation
+            parent = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                          ann)
         fields = list(parent.model_fields)
         msg = f"unknown field; valid fields: {', '.join(fields)} (did you mean {closest(str(err['loc'][-1]), fields, 1)[0]!r}?)"
     return SpecError(loc, msg)

@@ -30,9 +30,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-lens", default="16")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names/presets, or a spec file")
-    p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu")
+    p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu",
+                   help="off, dmi (overload=block), dmi-drop, dmi-null (armed, nothing kept), hf-hidden-states, "
+                        "forward-hook-cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ring-bytes", type=int, default=256 * 2**20)
+    p.add_argument("--sink-delay-ms", type=float, default=0.0,
+                   help="make the sink sleep this long per write: the overload policies under a slow sink")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="bench.h5")
@@ -96,13 +100,13 @@ def run_matrix(args) -> list[dict]:
                 g = torch.Generator().manual_seed(b * 1000 + d)
                 ids = torch.randint(1, vocab, (b, args.prompt_len), generator=g).to(device)
                 for m in modes:  # warm-up, not recorded
-                    run_once(model, m, ids, min(d, 2), hooks, args.ring_bytes, work)
+                    run_once(model, m, ids, min(d, 2), hooks, args.ring_bytes, work, args.sink_delay_ms / 1e3)
                 for r in range(args.repeats):
                     order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate: no mode always first
                     for m in order:
                         if torch.cuda.is_available():
                             torch.cuda.reset_peak_memory_stats()
-                        facts = run_once(model, m, ids, d, hooks, args.ring_bytes, work)
+                        facts = run_once(model, m, ids, d, hooks, args.ring_bytes, work, args.sink_delay_ms / 1e3)
                         rows.append(_row(engine, m, b, d, args.prompt_len, r, **facts, peak_mem=_peak(device)))
                     print(f"matrix_bench: {engine} batch {b} decode {d} repeat {r + 1}/{args.repeats} done",
                           file=sys.stderr)

@@ -9,8 +9,9 @@ import time
 import torch
 
 import dmi
+import dmi.plugins
 
-MODES = ("off", "dmi", "dmi-null", "hf-hidden-states", "forward-hook-cpu")
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "forward-hook-cpu")
 
 
 def _sync(device):
@@ -43,8 +44,40 @@ def _hidden_states_cpu(model):
         h.remove()
 
 
+class _SlowSinkPlugin:
+    """A sink that sleeps before each write: what a slow disk or network store looks like."""
+
+    @dmi.plugins.hookimpl
+    def dmi_sink_for(self, sink_spec):
+        if not (isinstance(sink_spec, dict) and sink_spec.get("kind") == "bench-slow-hdf5"):
+            return None
+        from dmi.sinks.hdf5 import HDF5Sink
+
+        delay = sink_spec["delay_s"]
+
+        class SlowHDF5Sink(HDF5Sink):
+            def write(self, block):
+                time.sleep(delay)
+                super().write(block)
+
+        return SlowHDF5Sink(sink_spec["path"])
+
+
+_slow_registered = False
+
+
+def _sink(path: str, delay_s: float):
+    global _slow_registered
+    if delay_s <= 0:
+        return path
+    if not _slow_registered:
+        dmi.plugins.manager().register(_SlowSinkPlugin(), name="matrix-bench-slow-sink")
+        _slow_registered = True
+    return {"kind": "bench-slow-hdf5", "path": path, "delay_s": delay_s}
+
+
 def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[str], ring_bytes: int,
-             workdir: str) -> dict:
+             workdir: str, sink_delay_s: float = 0.0) -> dict:
     """Time one generate of `decode_len` tokens under `mode`; returns seconds and capture facts."""
     device = ids.device
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_len,
@@ -54,11 +87,12 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
     session = None
     if mode == "off":
         ctx = contextlib.nullcontext()
-    elif mode in ("dmi", "dmi-null"):
+    elif mode in ("dmi", "dmi-drop", "dmi-null"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)
-        spec = dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=path,
+        spec = dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=_sink(path, sink_delay_s),
+                               overload="drop" if mode == "dmi-drop" else "block",
                                # dmi-null: capture points armed and called, every row filtered out
                                requests={"ids": ["none"]} if mode == "dmi-null" else {})
         session = dmi.attach(model, spec)
@@ -85,5 +119,5 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         facts["close_s"] = time.perf_counter() - t1
         facts["bytes_captured"] = stats["bytes_captured"]
         facts["rows_dropped"] = stats["rows"]["dropped"]
-        os.unlink(spec.sink)
+        os.unlink(path)
     return {"seconds": seconds, **facts}

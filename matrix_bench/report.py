@@ -20,7 +20,8 @@ def markdown(rows: list[dict]) -> str:
            " | ".join(f"{m} overhead" for m in modes if m != "off") + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(modes) - ("off" in modes)) ]
     for (engine, b, d), by_mode in sorted(cells.items()):
-        tps = [_med_spread([x["tokens_per_s"] for x in by_mode.get(m, [])]) for m in modes]
+        tps = [_med_spread([x["tokens_per_s"] for x in by_mode.get(m, [])]) + _drops(by_mode.get(m, []))
+               for m in modes]
         over = []
         off = {x["repeat"]: x["seconds"] for x in by_mode.get("off", [])}
         for m in modes:
@@ -35,6 +36,11 @@ def markdown(rows: list[dict]) -> str:
         reasons = sorted({(r["engine"], r["mode"], r["status"]) for r in skipped})
         lines += [f"- {e} {m}: {s}" for e, m, s in reasons]
     return "\n".join(lines) + "\n"
+
+
+def _drops(runs: list[dict]) -> str:
+    dropped = [x["rows_dropped"] for x in runs]
+    return f" ({statistics.median(dropped):.0f} rows dropped)" if dropped and max(dropped) > 0 else ""
 
 
 def _med_spread(xs: list[float]) -> str:

@@ -16,7 +16,10 @@ class Accounting:
         self._lock = threading.Lock()
         self.hooks: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.COUNTERS, 0))
         self.drop_reasons: dict[str, int] = defaultdict(int)
+        self.dropped_by_request: dict[str, int] = defaultdict(int)
+        self.switches: list[dict] = []   # degrade policy: every switch, in order
         self.bytes_captured = 0
+        self.bytes_drained = 0
         self.bytes_written = 0
         self.frames = 0
         self.steps = 0
@@ -33,7 +36,7 @@ class Accounting:
             self.frames += 1
 
     def dropped(self, hook: str, n: int, reason: str, produced: int = 0, filtered: int = 0,
-                in_flight: bool = False) -> None:
+                in_flight: bool = False, requests=()) -> None:
         with self._lock:
             h = self.hooks[hook]
             h["produced"] += produced
@@ -42,6 +45,16 @@ class Accounting:
             if in_flight:
                 h["in_flight"] -= n
             self.drop_reasons[reason] += n
+            for r in requests:
+                self.dropped_by_request[r] += 1
+
+    def drained(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_drained += nbytes
+
+    def switched(self, step: int, to: str, ring_fill: float) -> None:
+        with self._lock:
+            self.switches.append({"step": step, "to": to, "ring_fill": round(ring_fill, 4)})
 
     def written(self, hook: str, n: int, nbytes: int) -> None:
         with self._lock:
@@ -61,12 +74,16 @@ class Accounting:
             snap = {
                 "hooks": {k: dict(v) for k, v in self.hooks.items()},
                 "drop_reasons": dict(self.drop_reasons),
+                "dropped_by_request": dict(self.dropped_by_request),
+                "degrade_switches": list(self.switches),
                 "bytes_captured": self.bytes_captured,
+                "bytes_drained": self.bytes_drained,
                 "bytes_written": self.bytes_written,
                 "frames": self.frames,
                 "steps": self.steps,
                 "elapsed_s": elapsed,
-                "write_mb_s": self.bytes_written / elapsed / 1e6,
+                "drain_mb_s": self.bytes_drained / elapsed / 1e6,
+                "sink_mb_s": self.bytes_written / elapsed / 1e6,
                 "errors": list(self.errors),
             }
         snap["rows"] = {c: sum(h[c] for h in snap["hooks"].values()) for c in self.COUNTERS}

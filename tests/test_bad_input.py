@@ -29,6 +29,13 @@ def _untouched(model):
     ({"steps": {"stride": 0}}, SpecError, ["steps.stride"]),
     ({"overload": "explode"}, SpecError, ["overload", "'block'"]),
     ({"hookz": ["resid"]}, SpecError, ["hookz", "'hooks'"]),
+    ({"tokens": {"mode": "all", "positions": []}}, SpecError, ["tokens.positions"]),
+    ({"tokens": {"mode": "all", "positions": [[4, 4]]}}, SpecError, ["tokens.positions", "start < stop"]),
+    ({"tokens": {"every": 0}}, SpecError, ["tokens.every"]),
+    ({"overload": "degrade"}, SpecError, ["overload", "fallback"]),
+    ({"overload": "degrade", "degrade": {"fallback": {"hooks": ["hook_logits"]}, "high": 0.2, "low": 0.6}},
+     SpecError, ["degrade.low", "out of order"]),
+    ({"degrade": {"fallback": {"hooks": ["hook_logits"]}}}, SpecError, ["overload"]),
 ])
 def test_bad_spec_raises_at_attach_and_model_still_works(spec, error, words, load, tmp_path):
     model = load("qwen3", attn="sdpa")

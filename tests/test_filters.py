@@ -81,3 +81,35 @@ def test_step_stride_and_warmup(load, out):
         want = [p + k - 1 for k in sorted(kept_steps)]
         assert run.positions(hook, str(rid)).tolist() == want
         assert set(run.steps(hook, str(rid)).tolist()) == kept_steps
+
+
+def test_position_ranges_and_every_n(load, out):
+    model, run, seqs = _capture(load, out, tokens={"mode": "all", "positions": [[1, 3], [6, 9]], "every": 2})
+    hook = "blocks.1.hook_resid_post"
+    from reference import reference
+
+    for rid, seq in enumerate(seqs):
+        want = [p for p in range(len(seq)) if (1 <= p < 3 or 6 <= p < 9) and p % 2 == 0]
+        assert run.positions(hook, str(rid)).tolist() == want
+        if want:
+            assert (run.get(hook, str(rid)) - reference(model, seq)[hook][want]).abs().max() < 1e-4
+
+
+def test_request_predicate_from_a_plugin(load, out):
+    from dmi.plugins import hookimpl, manager
+
+    class Odd:
+        @hookimpl
+        def dmi_request_predicates(self):
+            return {"odd": lambda rid: int(rid) % 2 == 1}
+
+    plugin = Odd()
+    manager().register(plugin)
+    try:
+        _, run, _ = _capture(load, out, requests={"predicate": "odd"})
+        hook = "blocks.1.hook_resid_post"
+        assert [r for r in run.requests if len(run.positions(hook, r))] == ["1", "3"]
+        with pytest.raises(ValueError, match="requests.predicate.*registered: odd"):
+            _capture(load, out + "2", requests={"predicate": "even"})
+    finally:
+        manager().unregister(plugin)

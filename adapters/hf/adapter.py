@@ -78,12 +78,17 @@ class HFAdapter(Adapter):
     def _hookpoints(self) -> dict[str, str]:
         return {m.name or p: p for p, m in self.model.named_modules() if isinstance(m, HookPoint)}
 
-    def bind(self, patterns: list[str]) -> list[Binding]:
+    def resolve(self, patterns: list[str]) -> list[str]:
         offered = self.offered()
         eager = getattr(self.model.config, "_attn_implementation", "eager") == "eager"
         explicit_only = frozenset(n for n, (tap, _) in offered.items() if tap.eager_only and not eager)
+        return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(self._hookpoints()))
+
+    def bind(self, patterns: list[str]) -> list[Binding]:
+        names = self.resolve(patterns)
+        offered = self.offered()
+        eager = getattr(self.model.config, "_attn_implementation", "eager") == "eager"
         hookpoints = self._hookpoints()
-        names = resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
         self._plan = []
         bindings = []
         for name in names:

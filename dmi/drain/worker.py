@@ -108,6 +108,7 @@ class Drain:
                 host = self.ring.view(slot.offset, slot.nbytes).cpu().numpy()
         finally:
             self.ring.release(slot.offset)
+        self.acct.drained(slot.nbytes)
         rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
         pending.setdefault(slot.hook, []).append((rows, slot))
 

@@ -18,6 +18,7 @@ MAX_HOOK_NORM_BYTES = 64 << 20
 SLICE_BYTES = 16 << 20
 N_SLICES = 8
 SHOWN_REQUESTS = 5
+SHOWN_GAPS = 8
 SUFFIXES_PER_TABLE = 6
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -69,25 +70,66 @@ def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset
 
 
 def _drops(run: Run) -> list[str]:
-    """Dropped rows per hook: counters from stats, cross-checked with the /gaps rows."""
-    stats_drops: dict[str, int] = {}
-    hook_stats = run.stats.get("hooks")
-    if isinstance(hook_stats, dict):
-        for h, counters in hook_stats.items():
-            if isinstance(counters, dict) and isinstance(counters.get("dropped"), (int, float)):
-                stats_drops[h] = int(counters["dropped"])
+    """The books per hook (produced = filtered + written + dropped), then what is missing where."""
+    stats = run.stats
+    hook_stats = stats.get("hooks") if isinstance(stats.get("hooks"), dict) else {}
     gap_rows = run.gaps()
     gap_drops = Counter(g["hook"] for g in gap_rows)
+    out = []
+    if hook_stats:
+        counters = ("produced", "filtered", "written", "dropped")
+        rows = [[h] + [str(int(c.get(k, 0))) for k in counters] + [str(gap_drops.get(h, 0))]
+                for h, c in sorted(hook_stats.items(), key=lambda kv: natural_key(kv[0]))]
+        out += ["accounting (rows per hook; produced = filtered + written + dropped):"]
+        out += _table(["hook", *counters, "gaps"], rows, right={1, 2, 3, 4, 5})
+        ring = stats.get("ring") or {}
+        if ring:
+            out.append(f"ring: {_human(ring.get('bytes', 0))}, high-water "
+                       f"{_human(ring.get('high_water_bytes', 0))} "
+                       f"({100 * ring.get('high_water_bytes', 0) / max(ring.get('bytes', 1), 1):.0f}%)")
+        out.append(f"throughput: drain {stats.get('drain_mb_s', 0):.1f} MB/s, sink {stats.get('sink_mb_s', 0):.1f} MB/s "
+                   f"over {stats.get('elapsed_s', 0):.1f} s, {stats.get('steps', 0)} steps")
+        out.append("")
+    total = sum(int(c.get("dropped", 0)) for c in hook_stats.values()) if hook_stats else len(gap_rows)
+    head = f"dropped rows: {total} (stats), {len(gap_rows)} (gaps)"
     reasons = Counter(g["reason"] for g in gap_rows)
-    names = sorted(set(stats_drops) | set(gap_drops), key=natural_key)
-    rows = [[h, str(stats_drops[h]) if h in stats_drops else "-", str(gap_drops.get(h, 0))]
-            for h in names if stats_drops.get(h, 0) or gap_drops.get(h, 0)]
-    total_stats = sum(stats_drops.values())
-    head = (f"dropped rows: {total_stats} (stats), {len(gap_rows)} (gaps)"
-            if stats_drops else f"dropped rows: {len(gap_rows)} (gaps; no stats recorded)")
     if reasons:
         head += "  by reason: " + ", ".join(f"{r}={n}" for r, n in reasons.most_common())
-    return [head] + (_table(["hook", "stats", "gaps"], rows, right={1, 2}) if rows else [])
+    out.append(head)
+    switches = stats.get("degrade_switches") or []
+    if switches:
+        out.append("degrade switches: " + ", ".join(f"step {w['step']} -> {w['to']} (ring {100 * w['ring_fill']:.0f}%)"
+                                                 for w in switches[:8]) + (" ..." if len(switches) > 8 else ""))
+    missing: dict[tuple[str, str], list[int]] = {}
+    for g in gap_rows:
+        missing.setdefault((g["hook"], g["request"]), []).append(int(g["position"]))
+    for (hook, req), pos in sorted(missing.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][1]))[:SHOWN_GAPS]:
+        out.append(f"  missing {hook} request {req}: positions {_ranges(sorted(pos))}")
+    if len(missing) > SHOWN_GAPS:
+        out.append(f"  ... {len(missing) - SHOWN_GAPS} more (hook, request) pairs with gaps: run.gaps()")
+    for err in stats.get("errors") or []:
+        out.append(f"error: {err}")
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _ranges(pos: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" """
+    parts, start = [], None
+    for i, p in enumerate(pos):
+        if start is None:
+            start = p
+        if i + 1 == len(pos) or pos[i + 1] != p + 1:
+            parts.append(str(start) if start == p else f"{start}-{p}")
+            start = None
+    return ", ".join(parts)
 
 
 def _norms(run: Run, hooks: list[str]) -> list[str]:

@@ -40,6 +40,7 @@ class RowSelection:
     token_idx: np.ndarray        # int64 [n]: the matching rows of the step's RowTable
     produced: int                # real (non-padding) rows the engine computed for this hook
     filtered: int                # real rows the filters left out
+    lost_idx: np.ndarray         # RowTable rows the filters keep but `degrade` gave up (dropped)
 
 
 @dataclass
@@ -47,21 +48,25 @@ class StepPlan:
     step: int
     rows: RowTable
     keep: np.ndarray             # bool [batch*tokens]: real rows the filters keep
-    _by_t: dict[int, RowSelection] = field(default_factory=dict)
+    reduced: np.ndarray | None = None  # while degraded: the rows the fallback keeps
+    _by_t: dict[tuple[int, bool], RowSelection] = field(default_factory=dict)
 
-    def select(self, t: int) -> RowSelection:
+    def select(self, t: int, in_fallback: bool = True) -> RowSelection:
         """Rows kept for a hook tensor with `t` tokens per batch row: the last t tokens of each
-        batch row (generate computes logits for the last token only)."""
-        sel = self._by_t.get(t)
+        batch row (generate computes logits for the last token only). While degraded, only
+        the fallback's rows of the fallback's hooks are kept."""
+        key = (t, in_fallback)
+        sel = self._by_t.get(key)
         if sel is None:
             B, T = self.rows.batch, self.rows.tokens
             tok = (np.arange(B)[:, None] * T + np.arange(T - t, T)[None, :]).reshape(-1)
             real = self.rows.request[tok] >= 0
             keep = self.keep[tok]
-            src = np.nonzero(keep)[0]
+            kept = keep if self.reduced is None else (self.reduced[tok] if in_fallback else np.zeros_like(keep))
+            src = np.nonzero(kept)[0]
             sel = RowSelection(torch.from_numpy(src.astype(np.int64)), tok[src], int(real.sum()),
-                               int(real.sum() - keep.sum()))
-            self._by_t[t] = sel
+                               int(real.sum() - keep.sum()), tok[keep & ~kept])
+            self._by_t[key] = sel
         return sel
 
 
