@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="summarise a capture file")
     ins.add_argument("path")
 
+    sub.add_parser("plugins", help="list registered adapters, sinks, tables and predicates, and their packages")
+
     demo = sub.add_parser("demo", help="build a tiny random Qwen3 and a byte tokenizer locally, capture, summarise")
     demo.add_argument("--cache", help="where the demo model lives (default ~/.cache/dmi or $DMI_CACHE)")
     demo.add_argument("--out", default="dmi_demo.h5")
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             from .run_cmd import run
 
             run(args)
+        elif args.command == "plugins":
+            from .plugins_cmd import list_plugins
+
+            print(list_plugins())
         elif args.command == "demo":
             from .demo_cmd import demo
 
