@@ -5,6 +5,7 @@ capture(i, tensor) from inside it (through the capture op), end_step() after.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import threading
@@ -81,6 +82,8 @@ class Session:
             self._shutdown(complete=False)
             raise
         _ARMED[id(engine)] = self
+        atexit.unregister(_close_open_sessions)
+        atexit.register(_close_open_sessions)
 
     def _check_fallback(self, spec) -> set[int]:
         """Indices of the hooks the degrade fallback keeps; it must be a subset of the spec."""
@@ -255,6 +258,19 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<dmi.Session {self.adapter.engine_name} hooks={len(self.names)} step={self.step} closed={self.closed}>"
+
+
+def _close_open_sessions() -> None:
+    """A session the program never closed still writes out what it captured at exit.
+
+    Registered when the first session opens, after its sink's libraries (h5py) registered
+    their own exit handlers: atexit runs last-registered first, so this runs before they
+    close their libraries."""
+    for session in list(_ARMED.values()):
+        try:
+            session.close()
+        except Exception as e:  # at exit, report and go on to the next
+            log.error("dmi: closing a session at exit failed: %s", e)
 
 
 def _predicate(name: str | None):

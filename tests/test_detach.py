@@ -58,3 +58,22 @@ def test_exception_inside_forward_keeps_session_usable(load, tmp_path):
     assert len(run.get("blocks.0.hook_resid_post", "0")) == 3  # captured before the fault: kept
     assert len(run.get("blocks.1.hook_resid_post", "0")) == 0
     assert len(run.get("blocks.1.hook_resid_post", "1")) == 2
+
+
+def test_a_session_never_closed_is_written_out_at_exit(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.h5"
+    script = (
+        "import torch, dmi\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tiny_dirs['qwen3'])!r}).eval()\n"
+        f"s = dmi.attach(m, {{'hooks': ['blocks.0.hook_resid_post'], 'sink': {str(out)!r}}})\n"
+        "with torch.no_grad():\n"
+        "    m(torch.tensor([[1, 2, 3]]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    run = dmi.open(out)
+    assert run.complete and run.get("blocks.0.hook_resid_post", "0").shape == (3, 64)
