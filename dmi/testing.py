@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,13 +39,15 @@ class ConformanceCase:
     reference: Callable[[Any, list[int]], dict[str, torch.Tensor]]
     """An oracle independent of the adapter: for one unpadded sequence, {hook: tensor [len(seq), ...]}."""
     hooks: list[str]
-    """Hook names the adapter offers and the reference computes."""
+    """Hook names, globs or presets; the kit resolves them through your adapter, and the reference
+    must compute every name they resolve to."""
     partial_hooks: frozenset[str] = frozenset()
     """Hooks that legitimately cover only some positions (logits in engines that compute them for
     sampled rows only); their values are still checked where present."""
     fingerprint: Callable[[Any], Any] | None = None
-    """What must be equal before attach and after detach (default: hooks and attributes of every
-    nn.Module the engine holds)."""
+    """What must be equal before attach and after detach (default: module_fingerprint: the hooks and
+    attributes of every nn.Module the engine holds, and the members of its list/dict/set attributes,
+    such as listener lists)."""
     prompts: list[list[int]] = field(default_factory=lambda: [list(p) for p in DEFAULT_PROMPTS])
     max_new_tokens: int = 4
     tol: float = 1e-4
@@ -55,6 +58,10 @@ def run_conformance(case: ConformanceCase, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     engine = case.make_engine()
     fingerprint = case.fingerprint or module_fingerprint
+    from dmi import plugins
+
+    hooks = plugins.adapter_for(engine).resolve(case.hooks)
+    case = _replace(case, hooks=hooks)
     report = {}
     before = fingerprint(engine)
     plain = case.generate(engine, case.prompts, case.max_new_tokens)
@@ -137,6 +144,12 @@ def module_fingerprint(engine) -> Any:
 
     visit(engine)
     out = [sorted(getattr(engine, "__dict__", {}))]
+    # members of container attributes (listener lists, callback dicts) must come back too
+    for key, value in sorted(getattr(engine, "__dict__", {}).items()):
+        if isinstance(value, (list, tuple, set, frozenset)):
+            out.append((key, sorted(id(v) for v in value)))
+        elif isinstance(value, dict):
+            out.append((key, sorted(map(repr, value)), sorted(id(v) for v in value.values())))
     for root in modules:
         for name, m in root.named_modules():
             out.append((name, sorted(m.__dict__), len(m._forward_hooks), len(m._forward_pre_hooks)))
