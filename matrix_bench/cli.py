@@ -13,10 +13,10 @@ PRESETS = {
     "cpu-smoke": dict(engines="hf", model="tiny", batch_sizes="1,4", decode_lens="4", prompt_len=8, repeats=1,
                       modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
     "cpu": dict(engines="hf,vllm,sglang", model="small", batch_sizes="1,8,32", decode_lens="16,64", prompt_len=32,
-                repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
+                repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight"),
     "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64,256",
                       decode_lens="16,128,256", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
-                      modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
+                      modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight"),
 }
 DEFAULT_HOOKS = "blocks.*.hook_resid_post,hook_logits"
 
@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names/presets, or a spec file")
     p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu",
                    help="off, dmi (overload=block), dmi-drop, dmi-null (armed, nothing kept), hf-hidden-states, "
-                        "forward-hook-cpu")
+                        "hf-attentions, forward-hook-cpu, nnsight (if installed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ring-bytes", type=int, default=256 * 2**20)
     p.add_argument("--sink-delay-ms", type=float, default=0.0,
@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="bench.h5")
-    p.add_argument("--report", help="also write a markdown report to this path")
+    p.add_argument("--report", help="also write a markdown report to this path, and PNG plots beside it")
+    p.add_argument("--from", dest="from_file", metavar="BENCH_H5",
+                   help="run nothing: render --report (or print the table) from an earlier results file")
     return p
 
 
@@ -52,18 +54,23 @@ def main(argv=None) -> int:
         for k, v in PRESETS[args.preset].items():
             if k not in given:
                 setattr(args, k, v)
-    from .report import markdown
-    from .results import Results
+    from .report import markdown, plots
+    from .results import Results, read
 
-    rows = run_matrix(args)
-    res = Results(args.out)
-    res.write(rows, attrs=environment(args))
+    if args.from_file:
+        rows = read(args.from_file)
+    else:
+        rows = run_matrix(args)
+        Results(args.out).write(rows, attrs=environment(args))
+        print(f"matrix_bench: {len(rows)} rows written to {args.out}", file=sys.stderr)
     text = markdown(rows)
     print(text)
     if args.report:
+        written = plots(rows, args.report)
         with open(args.report, "w") as f:
-            f.write(text)
-    print(f"matrix_bench: {len(rows)} rows written to {args.out}", file=sys.stderr)
+            f.write(text + "".join(f"\n![{p}]({p})\n" for p in written))
+        print(f"matrix_bench: report {args.report}" + (f", plots {', '.join(written)}" if written else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -78,6 +85,8 @@ def run_matrix(args) -> list[dict]:
 
     engines = [e for e in str(args.engines).split(",") if e]
     modes = [m for m in str(args.modes).split(",") if m]
+    from .modes_hf import unavailable
+
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
@@ -95,14 +104,20 @@ def run_matrix(args) -> list[dict]:
         device = torch.device(args.device)
         model = load_model(args.model, args.device, getattr(torch, args.dtype))
         vocab = model.config.vocab_size
+        skip = {m: unavailable(m) for m in modes if unavailable(m)}
+        for m, why in skip.items():
+            print(f"matrix_bench: mode {m}: {why}", file=sys.stderr)
+        runnable = [m for m in modes if m not in skip]
         with tempfile.TemporaryDirectory() as work:
             for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
+                rows += [_row(engine, m, b, d, args.prompt_len, -1, status=why) for m, why in skip.items()]
                 g = torch.Generator().manual_seed(b * 1000 + d)
                 ids = torch.randint(1, vocab, (b, args.prompt_len), generator=g).to(device)
-                for m in modes:  # warm-up, not recorded
+                for m in runnable:  # warm-up, not recorded
                     run_once(model, m, ids, min(d, 2), hooks, args.ring_bytes, work, args.sink_delay_ms / 1e3)
                 for r in range(args.repeats):
-                    order = modes[r % len(modes):] + modes[: r % len(modes)]  # rotate: no mode always first
+                    k = r % len(runnable)
+                    order = runnable[k:] + runnable[:k]  # rotate: no mode is always first
                     for m in order:
                         if torch.cuda.is_available():
                             torch.cuda.reset_peak_memory_stats()

@@ -11,7 +11,17 @@ import torch
 import dmi
 import dmi.plugins
 
-MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "forward-hook-cpu")
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight")
+
+
+def unavailable(mode: str) -> str | None:
+    """Why a mode can't run here, or None."""
+    if mode == "nnsight":
+        try:
+            import nnsight  # noqa: F401
+        except ImportError:
+            return "skipped: nnsight not installed"
+    return None
 
 
 def _sync(device):
@@ -31,6 +41,45 @@ def _forward_hooks_cpu(model):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def _attentions_cpu(model):
+    """HF's output_attentions (needs eager attention), moved to the CPU every step."""
+    kept = []
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    h = model.register_forward_hook(lambda m, a, o: kept.extend(x.detach().cpu() for x in o.attentions))
+    try:
+        yield {"output_attentions": True, "return_dict_in_generate": True}
+    finally:
+        h.remove()
+        model.set_attn_implementation(impl)
+
+
+_NNSIGHT: dict = {}
+
+
+def _nnsight_generate(model, kwargs: dict, decode_len: int) -> None:
+    """nnsight's way to the same data: every layer's output and the logits, to the CPU each step."""
+    from nnsight import TransformersModel
+
+    nm = _NNSIGHT.get(id(model))
+    if nm is None:
+        # a tokenizer is required by the wrapper, never used here (token ids go in directly)
+        from transformers import AutoTokenizer
+
+        from dmi.tiny import build_byte_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(build_byte_tokenizer(tempfile.mkdtemp(prefix="dmi-bench-tok-")))
+        nm = _NNSIGHT[id(model)] = TransformersModel(model, tokenizer=tok)
+    ids = kwargs.pop("input_ids")
+    with nm.generate(ids, **kwargs) as tracer:
+        kept = list().save()
+        for _ in tracer.iter[:decode_len]:
+            for layer in nm.model.layers:
+                kept.append(layer.output.cpu())
+            kept.append(nm.lm_head.output.cpu())
 
 
 @contextlib.contextmanager
@@ -99,8 +148,12 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         ctx = contextlib.nullcontext()
     elif mode == "hf-hidden-states":
         ctx = _hidden_states_cpu(model)
+    elif mode == "hf-attentions":
+        ctx = _attentions_cpu(model)
     elif mode == "forward-hook-cpu":
         ctx = _forward_hooks_cpu(model)
+    elif mode == "nnsight":
+        ctx = contextlib.nullcontext()
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     with ctx as extra:
@@ -109,7 +162,10 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(**kwargs)
+            if mode == "nnsight":
+                _nnsight_generate(model, dict(kwargs), decode_len)
+            else:
+                model.generate(**kwargs)
         _sync(device)
         seconds = time.perf_counter() - t0
     if session is not None:

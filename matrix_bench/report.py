@@ -48,3 +48,73 @@ def _med_spread(xs: list[float]) -> str:
         return "n/a"
     med = statistics.median(xs)
     return f"{med:.1f} ±{(max(xs) - min(xs)) / 2:.1f}" if len(xs) > 1 else f"{med:.1f}"
+
+
+def plots(rows: list[dict], report_path: str) -> list[str]:
+    """PNG plots beside the report: throughput vs batch size (at the longest decode length),
+    throughput vs decode length (at the largest batch), and overhead per engine and mode.
+    Returns the file names written; none when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    import os
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    base = os.path.splitext(report_path)[0]
+    engines = sorted({r["engine"] for r in ok})
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    written = []
+
+    def med(sel, key="tokens_per_s"):
+        vals = [r[key] for r in sel]
+        return statistics.median(vals) if vals else float("nan")
+
+    for axis, fixed_key, name in (("batch", "decode_len", "throughput-vs-batch"),
+                                  ("decode_len", "batch", "throughput-vs-decode")):
+        fig, axes = plt.subplots(1, len(engines), figsize=(5 * len(engines), 4), squeeze=False)
+        for ax, engine in zip(axes[0], engines):
+            er = [r for r in ok if r["engine"] == engine]
+            fixed = max(r[fixed_key] for r in er)
+            xs = sorted({r[axis] for r in er if r[fixed_key] == fixed})
+            for m in modes:
+                ys = [med([r for r in er if r["mode"] == m and r[axis] == x and r[fixed_key] == fixed]) for x in xs]
+                ax.plot(xs, ys, marker="o", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size" if axis == "batch" else "decode length")
+            ax.set_ylabel("tokens/s")
+            ax.set_title(f"{engine}, {fixed_key.replace('_', ' ')} {fixed}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = f"{base}-{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(os.path.basename(path))
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(modes) * len(engines)), 4))
+    others = [m for m in modes if m != "off"]
+    width = 0.8 / max(len(engines), 1)
+    for i, engine in enumerate(engines):
+        er = [r for r in ok if r["engine"] == engine]
+        off = {(r["batch"], r["decode_len"], r["repeat"]): r["seconds"] for r in er if r["mode"] == "off"}
+        ys = []
+        for m in others:
+            ratios = [100 * (r["seconds"] / off[k] - 1) for r in er if r["mode"] == m
+                      and (k := (r["batch"], r["decode_len"], r["repeat"])) in off]
+            ys.append(statistics.median(ratios) if ratios else 0.0)
+        ax.bar([j + i * width for j in range(len(others))], ys, width=width, label=engine)
+    ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(others))], others, rotation=20)
+    ax.set_ylabel("overhead vs off (%, median over cells)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend()
+    fig.tight_layout()
+    path = f"{base}-overhead.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(os.path.basename(path))
+    return written

@@ -28,4 +28,21 @@ def test_cpu_smoke_preset(tmp_path, capsys):
     assert all(r["bytes_captured"] == 0 for r in ok if r["mode"] == "dmi-null")
     assert skipped and all(r["engine"] == "vllm" and r["status"].startswith("skipped: ") for r in skipped)
     text = (tmp_path / "r.md").read_text()
-    assert text == markdown(rows) and "| hf | 4 | 4 |" in text and "skipped" in text
+    assert text.startswith(markdown(rows)) and "| hf | 4 | 4 |" in text and "skipped" in text
+    for name in ("r-throughput-vs-batch.png", "r-throughput-vs-decode.png", "r-overhead.png"):
+        assert (tmp_path / name).stat().st_size > 1000 and f"]({name})" in text
+
+
+def test_report_from_an_earlier_file_and_dmi_bench(tmp_path, capsys):
+    from dmi.cli import main as dmi_main
+
+    out = tmp_path / "b.h5"
+    assert dmi_main(["bench", "--model", "tiny", "--batch-sizes", "2", "--decode-lens", "2", "--repeats", "1",
+                     "--modes", "off,dmi,nnsight", "--out", str(out)]) == 0
+    rows = read(str(out))
+    nn = [r for r in rows if r["mode"] == "nnsight"]
+    assert nn and all(r["status"] == "ok" or r["status"] == "skipped: nnsight not installed" for r in nn)
+    capsys.readouterr()
+    assert main(["--from", str(out), "--report", str(tmp_path / "again.md")]) == 0
+    assert "| hf | 2 | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "again-overhead.png").exists()

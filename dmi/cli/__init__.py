@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="summarise a capture file")
     ins.add_argument("path")
 
+    bench = sub.add_parser("bench", help="the overhead benchmark matrix (same as python -m matrix_bench)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     sub.add_parser("plugins", help="list registered adapters, sinks, tables and predicates, and their packages")
 
     demo = sub.add_parser("demo", help="build a tiny random Qwen3 and a byte tokenizer locally, capture, summarise")
@@ -42,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after "bench" belongs to matrix_bench, --help included
+        from matrix_bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
