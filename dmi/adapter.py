@@ -19,7 +19,21 @@ class Binding:
 
 
 class Adapter:
-    """Base class. Lifecycle: __init__(engine) -> bind(spec hooks) -> arm(session) -> disarm()."""
+    """Base class of engine adapters (plugin API version 1; docs/plugins.md).
+
+    Lifecycle: __init__(engine) -> resolve/bind(spec hooks) -> arm(session) -> [steps] ->
+    flush() -> disarm().
+
+    Invariants an adapter keeps (dmi.testing.run_conformance checks them):
+    - before each engine step, session.begin_step(RowTable) names the request, position and
+      phase of every token row; padding rows have request -1 and are never recorded;
+    - inside the step, session.capture(i, x) receives binding i's tensor, rows in RowTable order;
+    - after the step, session.end_step(), also when the forward raised;
+    - request ids are the engine's own user-facing ids; positions count the request's real
+      tokens from 0;
+    - capture never changes what the engine computes; disarm() leaves the engine exactly as it
+      was; bind() and a refused attach leave no trace.
+    """
 
     engine_name: str = "?"
 
@@ -46,6 +60,11 @@ class Adapter:
     def arm(self, session, bindings: list[Binding]) -> None:
         """Install capture points. bindings[i] is captured as session.capture(i, tensor)."""
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every capture the engine has made so far reach the session (an engine that
+        captures in other processes or on other streams waits for them here). In-process,
+        synchronous engines have nothing to do."""
 
     def disarm(self) -> None:
         """Remove every trace of arm(): the engine is exactly as before."""

@@ -218,6 +218,7 @@ class Session:
         """Block until everything captured so far is written and readable."""
         if self.closed:
             return
+        self.adapter.flush()
         done = threading.Event()
         self.frames.put(Marker("flush", done))
         done.wait(timeout)
@@ -230,7 +231,10 @@ class Session:
             self.closed = True
         self.plan = None
         try:
-            self.adapter.disarm()
+            try:
+                self.adapter.flush()
+            finally:
+                self.adapter.disarm()
         finally:
             _ARMED.pop(id(self.engine), None)
             self._shutdown(complete=True)

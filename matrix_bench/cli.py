@@ -3,7 +3,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -122,7 +121,9 @@ def run_matrix(args) -> list[dict]:
                         if torch.cuda.is_available():
                             torch.cuda.reset_peak_memory_stats()
                         facts = run_once(model, m, ids, d, hooks, args.ring_bytes, work, args.sink_delay_ms / 1e3)
-                        rows.append(_row(engine, m, b, d, args.prompt_len, r, **facts, peak_mem=_peak(device)))
+                        rss = facts.pop("peak_rss")
+                        rows.append(_row(engine, m, b, d, args.prompt_len, r, **facts,
+                                         peak_mem=_peak(device) if device.type == "cuda" else rss))
                     print(f"matrix_bench: {engine} batch {b} decode {d} repeat {r + 1}/{args.repeats} done",
                           file=sys.stderr)
     return rows
@@ -147,11 +148,10 @@ def _hooks(s: str) -> list[str]:
 
 
 def _peak(device) -> int:
+    """Peak GPU memory allocated since the last reset (CUDA); CPU peaks come from the run itself."""
     import torch
 
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(torch.cuda.max_memory_allocated(device))
 
 
 def environment(args) -> dict:

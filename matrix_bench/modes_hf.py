@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 
 import torch
@@ -22,6 +23,38 @@ def unavailable(mode: str) -> str | None:
         except ImportError:
             return "skipped: nnsight not installed"
     return None
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled from /proc (Linux)."""
+
+    def __init__(self, every_s: float = 0.002):
+        self.every_s = every_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
 
 
 def _sync(device):
@@ -160,14 +193,16 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         if isinstance(extra, dict):
             kwargs.update(extra)
         _sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if mode == "nnsight":
-                _nnsight_generate(model, dict(kwargs), decode_len)
-            else:
-                model.generate(**kwargs)
-        _sync(device)
-        seconds = time.perf_counter() - t0
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if mode == "nnsight":
+                    _nnsight_generate(model, dict(kwargs), decode_len)
+                else:
+                    model.generate(**kwargs)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        facts["peak_rss"] = rss.peak
     if session is not None:
         t1 = time.perf_counter()
         stats = session.stats()
