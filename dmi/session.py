@@ -144,10 +144,9 @@ class Session:
             ok = x.dim() > 1 and x.shape[0] == B
         if not ok or not 0 < t <= T:
             self._warn_once(name, f"dmi: {name}: tensor of shape {tuple(x.shape)} does not map onto the step's "
-                                  f"{B}x{T} token rows; its rows are counted as dropped (reason 'shape')")
+                                  f"{B}x{T} token rows; its rows are dropped and recorded (reason 'shape')")
             sel = plan.select(T)
-            self.acct.dropped(name, sel.produced - sel.filtered, "shape", produced=sel.produced,
-                              filtered=sel.filtered)
+            self._gap(name, sel.token_idx, plan, "shape", produced=sel.produced, filtered=sel.filtered)
             return
         sel = plan.select(t, in_fallback=i in self.fallback_hooks)
         info = self._info(i, rows_x)

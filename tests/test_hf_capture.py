@@ -166,3 +166,18 @@ def reference_mlp_gate(model, seq):
     layer = model.model.layers[0]
     with torch.no_grad():
         return layer.mlp.act_fn(layer.mlp.gate_proj(layer.post_attention_layernorm(pre)))
+
+
+def test_a_module_hook_that_does_not_map_onto_token_rows_is_dropped_and_recorded(load, out):
+    model = load("qwen3")
+    # the rotary embedding's output is (cos, sin) of shape [1, T, head_dim]: batch 1, not the step's 2
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["module:model.rotary_emb", "blocks.0.hook_resid_post"],
+                                           sink=out)) as s:
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+        stats = s.stats()
+    assert stats["hooks"]["module:model.rotary_emb"]["dropped"] == 6
+    assert stats["drop_reasons"] == {"shape": 6} and any("does not map" in e for e in stats["errors"])
+    run = dmi.open(out)
+    assert sorted((g["request"], g["position"]) for g in run.gaps()) == [(r, p) for r in "01" for p in range(3)]
+    assert len(run.get("blocks.0.hook_resid_post", "1")) == 3

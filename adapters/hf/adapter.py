@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,12 @@ from .rows import GenerateState, RequestCounter, row_table
 from .tables.base import ArchTable, Tap
 
 _DTYPE_SIZE = {"int64": 8}
+
+
+@dataclass
+class HFBinding(Binding):
+    tap: Tap | None = None
+    path: str = ""
 
 
 class HFAdapter(Adapter):
@@ -78,18 +85,20 @@ class HFAdapter(Adapter):
     def _hookpoints(self) -> dict[str, str]:
         return {m.name or p: p for p, m in self.model.named_modules() if isinstance(m, HookPoint)}
 
+    def _eager(self) -> bool:
+        return getattr(self.model.config, "_attn_implementation", "eager") == "eager"
+
+    def _resolve(self, patterns: list[str], offered: dict, hookpoints: dict) -> list[str]:
+        explicit_only = frozenset(n for n, (tap, _) in offered.items() if tap.eager_only and not self._eager())
+        return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
+
     def resolve(self, patterns: list[str]) -> list[str]:
-        offered = self.offered()
-        eager = getattr(self.model.config, "_attn_implementation", "eager") == "eager"
-        explicit_only = frozenset(n for n, (tap, _) in offered.items() if tap.eager_only and not eager)
-        return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(self._hookpoints()))
+        return self._resolve(patterns, self.offered(), self._hookpoints())
 
     def bind(self, patterns: list[str]) -> list[Binding]:
-        names = self.resolve(patterns)
-        offered = self.offered()
-        eager = getattr(self.model.config, "_attn_implementation", "eager") == "eager"
-        hookpoints = self._hookpoints()
-        self._plan = []
+        offered, hookpoints = self.offered(), self._hookpoints()
+        names = self._resolve(patterns, offered, hookpoints)
+        eager = self._eager()
         bindings = []
         for name in names:
             if name.startswith("module:"):
@@ -103,8 +112,8 @@ class HFAdapter(Adapter):
                     raise SpecError("hooks", f"{name} needs the attention probabilities, which only eager attention "
                                              f"computes; this model uses {impl!r}. Load it with "
                                              f"attn_implementation='eager' or drop the hook")
-            self._plan.append((tap, path))
-            bindings.append(Binding(name, f"{path}:{tap.io}", self._row_bytes(tap), ragged=tap.view == "pattern"))
+            bindings.append(HFBinding(name, f"{path}:{tap.io}", self._row_bytes(tap), ragged=tap.view == "pattern",
+                                      tap=tap, path=path))
         return bindings
 
     def _module_tap(self, name: str) -> tuple[Tap, str]:
@@ -128,9 +137,10 @@ class HFAdapter(Adapter):
         return math.prod(tap.shape(self.dims)) * dtype_size
 
     # -- arming -----------------------------------------------------------------------
-    def arm(self, session, bindings: list[Binding]) -> None:
+    def arm(self, session, bindings: list[HFBinding]) -> None:
         self.session = session
-        for i, (tap, path) in enumerate(self._plan):
+        for i, b in enumerate(bindings):
+            tap, path = b.tap, b.path
             mod = self.model.get_submodule(path) if path else self.model
             fn = functools.partial(_capture_hook, session, i, tap, self.dims)
             if tap.io == "input":
