@@ -169,6 +169,8 @@ def environment(args) -> dict:
             "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "dmi": dmi.__version__, "git_revision": rev,
             "model": args.model, "hooks": args.hooks, "dtype": args.dtype, "device": args.device,
+            "spec": dmi.CaptureSpec(hooks=_hooks(args.hooks), ring={"bytes": args.ring_bytes}).to_json(),
+            "sink_delay_ms": args.sink_delay_ms, "prompt_len": args.prompt_len, "repeats": args.repeats,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

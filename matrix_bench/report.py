@@ -31,6 +31,12 @@ def markdown(rows: list[dict]) -> str:
             ratios = [x["seconds"] / off[x["repeat"]] - 1 for x in by_mode.get(m, []) if x["repeat"] in off]
             over.append(f"{100 * statistics.median(ratios):+.1f}%" if ratios else "n/a")
         lines.append(f"| {engine} | {b} | {d} | " + " | ".join(tps) + " | " + " | ".join(over) + " |")
+    lines += ["", "Per-step latency (ms, median):", "",
+              "| engine | batch | decode | " + " | ".join(modes) + " |", "|" + "---|" * (3 + len(modes))]
+    for (engine, b, d), by_mode in sorted(cells.items()):
+        lat = [f"{statistics.median([x['step_ms'] for x in by_mode[m]]):.1f}" if by_mode.get(m) else "n/a"
+               for m in modes]
+        lines.append(f"| {engine} | {b} | {d} | " + " | ".join(lat) + " |")
     lines += ["", "Peak memory (MB, median; process RSS on CPU, allocated on GPU):", "",
               "| engine | batch | decode | " + " | ".join(modes) + " |", "|" + "---|" * (3 + len(modes))]
     for (engine, b, d), by_mode in sorted(cells.items()):

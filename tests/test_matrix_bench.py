@@ -16,7 +16,7 @@ def test_cpu_smoke_preset(tmp_path, capsys):
     rows = read(str(out))
     with h5py.File(out) as f:
         assert f.attrs["format"] == "dmi-matrix-bench"
-        for key in ("torch", "transformers", "dmi", "git_revision", "machine", "hooks"):
+        for key in ("torch", "transformers", "dmi", "git_revision", "machine", "hooks", "spec"):
             assert key in f.attrs
     ok = [r for r in rows if r["status"] == "ok"]
     skipped = [r for r in rows if r["status"] != "ok"]
