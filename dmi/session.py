@@ -149,6 +149,11 @@ class Session:
             self._gap(name, sel.token_idx, plan, "shape", produced=sel.produced, filtered=sel.filtered)
             return
         sel = plan.select(t, in_fallback=i in self.fallback_hooks)
+        if self.drain.sink_failed is not None:
+            # Nothing can be written any more: stop copying, keep counting (reported once).
+            self.acct.dropped(name, len(sel.token_idx) + len(sel.lost_idx), "sink_error", produced=sel.produced,
+                              filtered=sel.filtered)
+            return
         info = self._info(i, rows_x)
         if len(sel.lost_idx):
             self._gap(name, sel.lost_idx, plan, "degraded")
@@ -248,10 +253,15 @@ class Session:
         self.frames.put(Marker("stop", done))
         done.wait()
         self.drain.join()
+        failed = self.drain.sink_failed is not None
         try:
-            self.sink.close(self.acct.snapshot(self.ring), complete=complete)
+            self.sink.close(self.acct.snapshot(self.ring), complete=complete and not failed)
+        except Exception as e:  # a sink that failed before fails again here: report, don't raise
+            self.acct.error(f"sink close failed: {type(e).__name__}: {e}")
+            log.error("dmi: closing the sink failed: %s; what it committed before stays readable", e)
         finally:
             self.ring.close()
+            self.ring.buffer = self.drain._ring_np = None  # the ring's memory goes back now, not when the session dies
 
     def __enter__(self) -> "Session":
         return self

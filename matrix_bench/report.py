@@ -45,8 +45,14 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {engine} | {b} | {d} | " + " | ".join(mem) + " |")
     if skipped:
         lines.append("")
-        reasons = sorted({(r["engine"], r["mode"], r["status"]) for r in skipped})
-        lines += [f"- {e} {m}: {s}" for e, m, s in reasons]
+        by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for r in skipped:
+            if r["mode"] not in by_reason[(r["engine"], r["status"])]:
+                by_reason[(r["engine"], r["status"])].append(r["mode"])
+        all_modes = set(modes) | {r["mode"] for r in skipped}
+        for (engine, status), ms in sorted(by_reason.items()):
+            which = "all modes" if set(ms) >= all_modes else ", ".join(ms)
+            lines.append(f"- {engine} ({which}): {status}")
     return "\n".join(lines) + "\n"
 
 

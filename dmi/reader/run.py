@@ -177,7 +177,8 @@ class Run:
     def requests(self) -> list[str]:
         if self._requests is None:
             ds = self.file["requests"]
-            self._requests = [str(s) for s in ds.asstr()[()]] if ds.shape[0] else []
+            n = self._committed(self.file.attrs, ds.shape[0], "committed_requests")
+            self._requests = [str(s) for s in ds.asstr()[:n]] if n else []
         return list(self._requests)
 
     @property
@@ -242,7 +243,15 @@ class Run:
 
     @_live
     def num_rows(self, hook: str) -> int:
-        return int(self._group(hook)["data"].shape[0])
+        grp = self._group(hook)
+        return self._committed(grp.attrs, grp["data"].shape[0])
+
+    def _committed(self, attrs, stored: int, key: str = "committed") -> int:
+        """Rows a reader may trust: all of a complete run; of an incomplete (live or crashed)
+        one, those its last commit counted (files without counters: all stored)."""
+        if self._complete_at_open or key not in attrs:
+            return int(stored)
+        return min(int(attrs[key]), int(stored))
 
     @_live
     def nbytes(self, hook: str) -> int:
@@ -253,7 +262,7 @@ class Run:
     def data_bytes(self, hook: str) -> int:
         """Bytes of the rows themselves: rows x row size."""
         ds = self._group(hook)["data"]
-        return int(ds.shape[0] * int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
+        return int(self.num_rows(hook) * int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -286,35 +295,38 @@ class Run:
         rows = self._hook_index(hook).rows_of(req)
         col = self._steps.get(hook)
         if col is None:
-            col = self._steps[hook] = grp["step"][()].astype(np.int64, copy=False)
+            col = self._steps[hook] = grp["step"][: self.num_rows(hook)].astype(np.int64, copy=False)
         return torch.from_numpy(col[rows])
 
     @_live
     def read_rows(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows start:stop of `hook` in file (arrival) order, untrimmed; for scans over big files."""
+        n = self.num_rows(hook)
+        stop = n if stop is None else min(stop, n)
         return self._to_tensor(self._group(hook)["data"][start:stop], hook)
 
     @_live
     def gaps(self, hook: str | None = None, request: str | None = None) -> list[dict[str, Any]]:
         """Dropped rows, as dicts with hook, request, position, step and reason."""
         g = self.file.get("gaps")
-        empty = g is None or g["request"].shape[0] == 0
-        hooks = np.empty(0, dtype=object) if empty else np.asarray(g["hook"].asstr()[()], dtype=object)
+        n = 0 if g is None else self._committed(g.attrs, g["request"].shape[0])
+        empty = n == 0
+        hooks = np.empty(0, dtype=object) if empty else np.asarray(g["hook"].asstr()[:n], dtype=object)
         # A hook may appear only here (every row of it dropped), so both places count as known.
         if hook is not None and hook not in self.hooks and not np.any(hooks == hook):
             raise _unknown("hook", hook, sorted(set(self.hooks) | set(hooks.tolist()), key=natural_key))
         req_idx = self._request_idx(request) if request is not None else None
         if empty:
             return []
-        reqs = g["request"][()]
+        reqs = g["request"][:n]
         mask = np.ones(reqs.shape[0], dtype=bool)
         if hook is not None:
             mask &= hooks == hook
         if req_idx is not None:
             mask &= reqs == req_idx
         names = self.requests
-        pos, step = g["position"][()], g["step"][()]
-        reasons = g["reason"].asstr()[()]
+        pos, step = g["position"][:n], g["step"][:n]
+        reasons = g["reason"].asstr()[:n]
         return [{"hook": str(hooks[i]), "request": names[reqs[i]] if 0 <= reqs[i] < len(names) else None,
                  "position": int(pos[i]), "step": int(step[i]), "reason": str(reasons[i])}
                 for i in np.flatnonzero(mask)]
@@ -339,8 +351,9 @@ class Run:
         idx = self._index.get(hook)
         if idx is None:
             grp = self._group(hook)
-            req = grp["request"][()].astype(np.int64, copy=False)
-            pos = grp["position"][()].astype(np.int64, copy=False)
+            n = self.num_rows(hook)
+            req = grp["request"][:n].astype(np.int64, copy=False)
+            pos = grp["position"][:n].astype(np.int64, copy=False)
             # lexsort is stable, so duplicate (request, position) rows keep file order.
             order = np.lexsort((pos, req))
             idx = self._index[hook] = _Index(order=order.astype(np.int64, copy=False),

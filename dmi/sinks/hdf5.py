@@ -14,13 +14,22 @@ Layout (format_version 1):
     /gaps/            hook (vlen str), request (int32), position, step (int64), reason (vlen str)
     /stats            attr json: the run's stats dict
 
-Everything is resizable along axis 0 and appended chunk by chunk, so a crashed run still
-leaves a readable file holding everything up to the last flush (with complete=False).
+Everything is resizable along axis 0 and appended chunk by chunk.
+
+Crash safety: a flush is a two-phase commit. Phase 1 writes the buffered rows and flushes the
+file (data and metadata reach the OS); phase 2 records how many rows are now durable in
+counters (`committed` on each hook group and on /gaps, `committed_requests`, `commits`,
+`committed_at` on the root) and flushes again. A process killed at any point leaves a file
+whose counters name rows that were fully written before; readers of an incomplete file
+(`complete` false) trust only those rows. A sink flushes every `flush_every_s` and whenever
+the session flushes, so `session.flush()` returning means those frames are acknowledged.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +39,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
 
 FORMAT = "dmi-hdf5"
@@ -38,7 +52,7 @@ FORMAT_VERSION = 1
 # Root attrs the sink owns; meta.extra may not shadow them.
 RESERVED_ATTRS = frozenset({
     "dmi_version", "format", "format_version", "engine", "model", "model_config",
-    "spec", "created", "complete", "json_attrs",
+    "spec", "created", "complete", "json_attrs", "commits", "committed_at", "committed_requests",
 })
 
 _STR = h5py.string_dtype("utf-8")
@@ -165,11 +179,15 @@ class HDF5Sink(Sink):
             for name, dt in (("hook", _STR), ("request", np.int32), ("position", np.int64),
                              ("step", np.int64), ("reason", _STR)):
                 gaps.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_GAP_CHUNK,))
+            f.attrs["commits"] = 0
             f.flush()
+            self._file = f
+            self._commit()
         except BaseException:
             f.close()
             raise
         self._file = f
+        self._inode = os.stat(self.path).st_ino
         self._last_flush = time.monotonic()
 
     def close(self, stats: dict[str, Any], complete: bool = True) -> None:
@@ -181,6 +199,8 @@ class HDF5Sink(Sink):
         error: BaseException | None = None
         try:
             self._flush_buffers()
+            f.flush()
+            self._commit()
         except BaseException as e:
             error = e
         try:
@@ -197,9 +217,44 @@ class HDF5Sink(Sink):
 
     def flush(self) -> None:
         f = self._require_open()
+        self._check_still_there()
         self._flush_buffers()
-        f.flush()
+        f.flush()          # phase 1: the rows are in the file
+        self._commit()     # phase 2: say so
         self._last_flush = time.monotonic()
+
+    def _ensure_room(self, nbytes: int) -> None:
+        """Refuse a write the disk (or the process's file-size limit) cannot take, before HDF5
+        starts it: HDF5 is left unusable by a write that fails half way (later calls, even
+        close, fail and the process can crash at exit). The reserve keeps room for closing
+        the file cleanly with its stats."""
+        need = 2 * max(nbytes, self.chunk_bytes) + _CLOSE_RESERVE
+        room = shutil.disk_usage(os.path.dirname(os.path.abspath(self.path))).free
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+        if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):
+            room = min(room, limit - os.path.getsize(self.path))
+        if room < need:
+            raise OSError(errno.ENOSPC, f"no room for {nbytes} more bytes in {self.path!r} ({room} bytes left, "
+                                        f"keeping {_CLOSE_RESERVE} to close the file cleanly); capture to it stops")
+
+    def _check_still_there(self) -> None:
+        """Writing on into a file someone removed or replaced would lose every row silently."""
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if inode != self._inode:
+            raise OSError(f"the output file {self.path!r} was removed or replaced while capturing")
+
+    def _commit(self) -> None:
+        f = self._require_open()
+        for hw in self._hooks.values():
+            hw.group.attrs["committed"] = hw.rows
+        f["gaps"].attrs["committed"] = f["gaps"]["request"].shape[0]
+        f.attrs["committed_requests"] = f["requests"].shape[0]
+        f.attrs["commits"] = int(f.attrs.get("commits", 0)) + 1
+        f.attrs["committed_at"] = datetime.now(timezone.utc).isoformat()
+        f.flush()
 
     # -- rows --------------------------------------------------------------------------------
 
@@ -390,6 +445,7 @@ class HDF5Sink(Sink):
 
     def _write_rows(self, hw: _HookWriter, data: np.ndarray, req: np.ndarray,
                     pos: np.ndarray, step: np.ndarray) -> None:
+        self._ensure_room(data.nbytes + 20 * data.shape[0])
         self._flush_requests()
         n = data.shape[0]
         start, stop = hw.rows, hw.rows + n
@@ -411,6 +467,9 @@ class HDF5Sink(Sink):
             ds[start:stop] = values
         hw.rows = stop
 
+
+# Bytes kept free for closing a file whose disk is full (stats, attributes, metadata flush).
+_CLOSE_RESERVE = 1 << 20
 
 # Upper bound for the ragged chunk width: keeps a chunk of one row at a sane size for long contexts.
 _MAX_CHUNK_W = 1 << 14
