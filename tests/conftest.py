@@ -16,7 +16,7 @@ def tiny_dirs(tmp_path_factory):
 def load(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
-    cache = {}
+    cache = _MODELS
 
     def _load(family: str, attn: str = "eager", dtype=torch.float32):
         key = (family, attn, dtype)
@@ -31,3 +31,18 @@ def load(tiny_dirs):
 @pytest.fixture
 def out(tmp_path):
     return str(tmp_path / "cap.h5")
+
+
+_MODELS: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _no_session_left_behind(request):
+    """Every test closes its sessions: the shared models must not carry one into the next test."""
+    yield
+    from dmi.session import _ARMED
+
+    left = list(_ARMED.values())
+    for s in left:
+        s.close()
+    assert not left, f"{request.node.nodeid} left {len(left)} dmi session(s) open"

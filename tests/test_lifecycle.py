@@ -72,17 +72,20 @@ def test_attach_detach_100_times_without_growth(load, tmp_path):
             with torch.no_grad():
                 model(ids)
 
+    def hooks():  # transformers installs output-recording hooks of its own on first use
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
     for i in range(5):  # warm-up: imports, allocator pools
         cycle(i)
     gc.collect()
-    threads, fds, rss = threading.active_count(), _fds(), _rss()
+    threads, fds, rss, own = threading.active_count(), _fds(), _rss(), hooks()
     for i in range(100):
         cycle(i)
     gc.collect()
     assert threading.active_count() == threads and _dmi_threads() == []
     assert _fds() == fds
     assert _rss() - rss < 32 * 2**20, f"RSS grew by {(_rss() - rss) / 2**20:.1f} MiB over 100 sessions"
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert hooks() == own
 
 
 def test_exception_in_generate_releases_everything(load, tmp_path):
