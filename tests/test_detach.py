@@ -55,9 +55,15 @@ def test_exception_inside_forward_keeps_session_usable(load, tmp_path):
             model(torch.tensor([[4, 5]]))
     run = dmi.open(out)
     assert run.requests == ["0", "1"]
-    assert len(run.get("blocks.0.hook_resid_post", "0")) == 3  # captured before the fault: kept
     assert len(run.get("blocks.1.hook_resid_post", "0")) == 0
-    assert len(run.get("blocks.1.hook_resid_post", "1")) == 2
+    from reference import reference
+
+    # captured before the fault: kept, and exact; the engine serves correctly afterwards
+    before = reference(model, [1, 2, 3])["blocks.0.hook_resid_post"]
+    assert (run.get("blocks.0.hook_resid_post", "0") - before).abs().max() < 1e-4
+    after = reference(model, [4, 5])
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        assert (run.get(hook, "1") - after[hook]).abs().max() < 1e-4
 
 
 def test_a_session_never_closed_is_written_out_at_exit(tiny_dirs, tmp_path):

@@ -47,7 +47,7 @@ def test_request_aborted_mid_stream(load, tmp_path):
 
     out = str(tmp_path / "a.h5")
     ids = torch.tensor([[5, 6, 7, 8]])
-    with dmi.attach(model, {"hooks": ["blocks.1.hook_resid_post"], "sink": out}) as s:
+    with dmi.attach(model, {"hooks": ["blocks.1.hook_resid_post", "hook_logits"], "sink": out}) as s:
         with pytest.raises(ConnectionAbortedError):
             model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
                            eos_token_id=NO_EOS, streamer=Abort())
@@ -60,6 +60,13 @@ def test_request_aborted_mid_stream(load, tmp_path):
     assert aborted == list(range(len(aborted))) and 4 <= len(aborted) < 14  # what ran before the abort
     assert run.positions("blocks.1.hook_resid_post", "1").tolist() == list(range(6))
     assert_books_balance(run.stats)
+    from reference import reference
+
+    for rid in ("0", "1"):  # greedy: the tokens fed back are the argmax of the logits rows before them
+        n = len(run.positions("blocks.1.hook_resid_post", rid))
+        seq = [5, 6, 7, 8] + run.get("hook_logits", rid)[: n - 4].argmax(-1).tolist()
+        ref = reference(model, seq)
+        assert (run.get("blocks.1.hook_resid_post", rid) - ref["blocks.1.hook_resid_post"]).abs().max() < 1e-4
 
 
 def test_attach_detach_100_times_without_growth(load, tmp_path):

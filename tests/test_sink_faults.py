@@ -72,6 +72,32 @@ def test_a_sink_that_raises_is_reported_once_and_inference_continues(load, tmp_p
     run = dmi.open(out)
     assert not run.complete  # rows were lost: the file must not claim to be complete
     assert run.stats["rows"]["dropped"] == stats["rows"]["dropped"]
+    # what reached the sink before the fault is intact and equal to the reference
+    seqs = {str(b): [5, 6, 7, 8] if b == 0 else [9, 10, 11, 12] for b in range(2)}
+    checked = 0
+    for rid, prompt in seqs.items():
+        seq = prompt + got[int(rid), 4:-1].tolist()
+        ref = reference(model, seq)
+        for hook in run.hooks:
+            pos = run.positions(hook, rid)
+            if len(pos):
+                assert (run.get(hook, rid) - ref[hook][pos]).abs().max() < 1e-4
+                checked += len(pos)
+    assert checked > 0
+
+
+def test_permission_lost_mid_run_does_not_stop_an_open_file(load, tmp_path):
+    """On Linux an open file keeps taking writes after chmod; capture goes on and completes."""
+    model = load("qwen3")
+    out = tmp_path / "p.h5"
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=str(out))) as s:
+        _generate(model)
+        s.flush()
+        os.chmod(out, 0o000)
+        _generate(model)
+    os.chmod(out, 0o600)
+    run = dmi.open(out)
+    assert run.complete and run.requests == ["0", "1", "2", "3"] and not run.stats["errors"]
 
 
 def test_output_file_removed_mid_run(load, tmp_path):
