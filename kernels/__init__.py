@@ -12,6 +12,7 @@ if __name__ == "kernels":
     # and register nothing: the op belongs to dmi.kernels alone.
     __file__ = None
 else:
+    from . import host_ops
     from .capture_op import CTRL_ENABLED, CTRL_OFFSET, CTRL_WIDTH, capture, capture_reference
 
-    __all__ = ["capture", "capture_reference", "CTRL_ENABLED", "CTRL_OFFSET", "CTRL_WIDTH"]
+    __all__ = ["capture", "capture_reference", "host_ops", "CTRL_ENABLED", "CTRL_OFFSET", "CTRL_WIDTH"]

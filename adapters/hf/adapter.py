@@ -18,9 +18,10 @@ from dmi.adapter import Adapter, Binding
 from dmi.errors import SpecError, UnknownHookError, closest
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.hookpoint import HookPoint
+from dmi.kernels import host_ops
 
 from . import reading
-from .rows import GenerateState, RequestCounter, row_table
+from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
 from .tables.base import ArchTable, Tap
 
 _DTYPE_SIZE = {"int64": 8}
@@ -139,10 +140,14 @@ class HFAdapter(Adapter):
     # -- arming -----------------------------------------------------------------------
     def arm(self, session, bindings: list[HFBinding]) -> None:
         self.session = session
+        # For torch.compile: hooks call host ops (graph nodes that run every step) instead of
+        # the session directly; the token orders them. See dmi.kernels.host_ops.
+        self._token = torch.zeros(1, device=self.device)
+        self._bridge = host_ops.register_bridge(self)
         for i, b in enumerate(bindings):
             tap, path = b.tap, b.path
             mod = self.model.get_submodule(path) if path else self.model
-            fn = functools.partial(_capture_hook, session, i, tap, self.dims)
+            fn = functools.partial(_capture_hook, self, i, tap, self.dims)
             if tap.io == "input":
                 h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
             else:
@@ -158,6 +163,7 @@ class HFAdapter(Adapter):
             self.model.generate = functools.partial(_generate, self, self.model.generate)
 
     def disarm(self) -> None:
+        host_ops.unregister_bridge(getattr(self, "_bridge", 0))
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -169,16 +175,40 @@ class HFAdapter(Adapter):
 
     # -- step boundaries --------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        self.session.begin_step(row_table(args, kwargs, self.counter, self._gen))
+        inp = step_inputs(args, kwargs)
+        if torch.compiler.is_compiling():
+            if inp.cache_position is None and inp.mask is None and inp.past is not None:
+                raise ValueError("dmi: a compiled forward with a KV cache needs cache_position or attention_mask "
+                                 "to place its rows (generate passes both)")
+            host_ops.step_begin(self._token, self._bridge, inp.ref, inp.is_ids, inp.mask, inp.cache_position)
+        else:
+            self.session.begin_step(row_table(inp, self.counter, self._gen))
 
     def _end(self, module, args, output):
+        if torch.compiler.is_compiling():
+            host_ops.step_end(self._token, self._bridge)
+        else:
+            self.session.end_step()
+
+    # -- host side of the compiled path (called by dmi.kernels.host_ops) ---------------
+    def op_step_begin(self, ref, is_ids, mask, cache_position) -> None:
+        self.session.begin_step(row_table(StepInputs(ref, is_ids, mask, cache_position), self.counter, self._gen))
+
+    def op_capture(self, hook: int, x: torch.Tensor, flat: bool) -> None:
+        self.session.capture(hook, x, flat=flat)
+
+    def op_step_end(self) -> None:
         self.session.end_step()
 
 
-def _capture_hook(session, i: int, tap: Tap, dims, args, kwargs, output) -> None:
+def _capture_hook(adapter: HFAdapter, i: int, tap: Tap, dims, args, kwargs, output) -> None:
     x = reading.pick(tap, args, kwargs, output)
     if isinstance(x, torch.Tensor):
-        session.capture(i, reading.view(tap, x.detach(), dims), flat=tap.flat)
+        x = reading.view(tap, x.detach(), dims)
+        if torch.compiler.is_compiling():
+            host_ops.capture_host(adapter._token, adapter._bridge, i, x, tap.flat)
+        else:
+            adapter.session.capture(i, x, flat=tap.flat)
 
 
 def _generate(adapter: HFAdapter, original, *args, **kwargs):

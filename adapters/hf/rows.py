@@ -39,21 +39,36 @@ def _first(kwargs: dict, args: tuple, name: str, index: int):
     return args[index] if len(args) > index else None
 
 
-def row_table(args: tuple, kwargs: dict, counter: RequestCounter, gen: GenerateState | None) -> RowTable:
+@dataclass
+class StepInputs:
+    """The forward's arguments that say who its rows are (all tensors, so a compiled forward
+    can hand them to an op)."""
+
+    ref: torch.Tensor                 # input_ids, or inputs_embeds: [batch, tokens, ...]
+    is_ids: bool                      # ref holds token ids (EOS can be seen)
+    mask: torch.Tensor | None         # 2-D attention mask over cache + new tokens
+    cache_position: torch.Tensor | None
+    past: object = None               # the KV cache, when no cache_position says where we are
+
+
+def step_inputs(args: tuple, kwargs: dict) -> StepInputs:
     input_ids = _first(kwargs, args, "input_ids", 0)
-    embeds = kwargs.get("inputs_embeds")
-    ref = input_ids if input_ids is not None else embeds
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     if ref is None:
         raise ValueError("dmi: forward called without input_ids or inputs_embeds; cannot attribute rows")
-    B, T = int(ref.shape[0]), int(ref.shape[1])
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() != 2:
         mask = None  # a 4-D custom mask: treat every token as real
-    cache_pos = kwargs.get("cache_position")
-    past = kwargs.get("past_key_values")
+    return StepInputs(ref, input_ids is not None, mask, kwargs.get("cache_position"), kwargs.get("past_key_values"))
+
+
+def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | None) -> RowTable:
+    ref, mask, cache_pos = inp.ref, inp.mask, inp.cache_position
+    input_ids = ref if inp.is_ids else None
+    B, T = int(ref.shape[0]), int(ref.shape[1])
     past_len = 0
-    if past is not None and hasattr(past, "get_seq_length"):
-        past_len = int(past.get_seq_length())
+    if cache_pos is None and inp.past is not None and hasattr(inp.past, "get_seq_length"):
+        past_len = int(inp.past.get_seq_length())
 
     if mask is not None:
         m = mask.detach().to("cpu", torch.int64)
