@@ -31,18 +31,9 @@ def markdown(rows: list[dict]) -> str:
             ratios = [x["seconds"] / off[x["repeat"]] - 1 for x in by_mode.get(m, []) if x["repeat"] in off]
             over.append(f"{100 * statistics.median(ratios):+.1f}%" if ratios else "n/a")
         lines.append(f"| {engine} | {b} | {d} | " + " | ".join(tps) + " | " + " | ".join(over) + " |")
-    lines += ["", "Per-step latency (ms, median):", "",
-              "| engine | batch | decode | " + " | ".join(modes) + " |", "|" + "---|" * (3 + len(modes))]
-    for (engine, b, d), by_mode in sorted(cells.items()):
-        lat = [f"{statistics.median([x['step_ms'] for x in by_mode[m]]):.1f}" if by_mode.get(m) else "n/a"
-               for m in modes]
-        lines.append(f"| {engine} | {b} | {d} | " + " | ".join(lat) + " |")
-    lines += ["", "Peak memory (MB, median; process RSS on CPU, allocated on GPU):", "",
-              "| engine | batch | decode | " + " | ".join(modes) + " |", "|" + "---|" * (3 + len(modes))]
-    for (engine, b, d), by_mode in sorted(cells.items()):
-        mem = [f"{statistics.median([x['peak_mem'] for x in by_mode[m]]) / 1e6:.0f}" if by_mode.get(m) else "n/a"
-               for m in modes]
-        lines.append(f"| {engine} | {b} | {d} | " + " | ".join(mem) + " |")
+    lines += _metric_table(cells, modes, "Per-step latency (ms, median):", "step_ms", 1.0, ".1f")
+    lines += _metric_table(cells, modes, "Peak memory (MB, median; process RSS on CPU, allocated on GPU):",
+                           "peak_mem", 1e6, ".0f")
     if skipped:
         lines.append("")
         by_reason: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -54,6 +45,15 @@ def markdown(rows: list[dict]) -> str:
             which = "all modes" if set(ms) >= all_modes else ", ".join(ms)
             lines.append(f"- {engine} ({which}): {status}")
     return "\n".join(lines) + "\n"
+
+
+def _metric_table(cells, modes, title: str, key: str, scale: float, fmt: str) -> list[str]:
+    lines = ["", title, "", "| engine | batch | decode | " + " | ".join(modes) + " |", "|" + "---|" * (3 + len(modes))]
+    for (engine, b, d), by_mode in sorted(cells.items()):
+        vals = [format(statistics.median([x[key] for x in by_mode[m]]) / scale, fmt) if by_mode.get(m) else "n/a"
+                for m in modes]
+        lines.append(f"| {engine} | {b} | {d} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def _drops(runs: list[dict]) -> str:
