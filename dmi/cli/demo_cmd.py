@@ -25,9 +25,9 @@ def demo(args) -> None:
     tokenizer = load_tokenizer(tok_dir)
     spec = dmi.CaptureSpec(hooks=["resid", "attn", "blocks.*.attn.hook_pattern", "mlp", "hook_logits"],
                            sink=args.out)
-    texts, _ = generate_with_capture(model, tokenizer, DEMO_PROMPTS, spec, args.max_new_tokens, batch_size=4)
-    print("generated (random weights, so the bytes are noise; the capture is what matters):")
-    for p, t in zip(DEMO_PROMPTS, texts):
-        print(f"  {p!r} -> {t.encode('utf-8', 'replace')[:40]!r}")
+    generated, _ = generate_with_capture(model, tokenizer, DEMO_PROMPTS, spec, args.max_new_tokens, batch_size=4)
+    print("generated (random weights: the tokens are noise; the capture is what matters):")
+    for p, ids in zip(DEMO_PROMPTS, generated):
+        print(f"  {p!r} -> {len(ids)} tokens {ids[:8]} ...")
     print()
     print(summarize(dmi.open(args.out)))

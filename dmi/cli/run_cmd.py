@@ -9,7 +9,8 @@ DEFAULT_HOOKS = ["blocks.*.hook_resid_post", "hook_logits"]
 
 def generate_with_capture(model, tokenizer, prompts, spec, max_new_tokens: int, batch_size: int,
                           sample: bool = False, seed: int = 0, quiet: bool = False, log=sys.stderr):
-    """Generate for every prompt in batches (left-padded), capturing per `spec`; returns the texts."""
+    """Generate for every prompt in batches (left-padded), capturing per `spec`; returns the generated
+    token ids per prompt and the session's final stats."""
     import torch
 
     import dmi
@@ -27,9 +28,7 @@ def generate_with_capture(model, tokenizer, prompts, spec, max_new_tokens: int, 
             with torch.no_grad():
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=sample, pad_token_id=pad)
-            for row in gen[:, ids.shape[1]:]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True) if tokenizer is not None
-                               else row.tolist())
+            outputs += gen[:, ids.shape[1]:].tolist()
             if not quiet:
                 print(f"dmi: batch {start // batch_size + 1}/{-(-len(prompts) // batch_size)} done "
                       f"({min(start + batch_size, len(prompts))}/{len(prompts)} prompts, "
@@ -82,8 +81,8 @@ def run(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation=args.attn).eval()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    texts, _ = generate_with_capture(model, tokenizer, prompts, spec, args.max_new_tokens, args.batch_size,
-                                     sample=args.sample, seed=args.seed, quiet=args.quiet)
+    generate_with_capture(model, tokenizer, prompts, spec, args.max_new_tokens, args.batch_size,
+                          sample=args.sample, seed=args.seed, quiet=args.quiet)
     if not args.quiet:
         sink = spec.sink if isinstance(spec.sink, str) else spec.sink.get("path")
         print(summarize(dmi.open(sink)))
