@@ -10,7 +10,6 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
     cfg = model.config
     gpt2 = cfg.model_type == "gpt2"
     layers = model.transformer.h if gpt2 else model.model.layers
-    n = len(layers)
     rec: dict[str, torch.Tensor] = {}
     handles = []
 

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 
 import dmi
-from helpers import assert_books_balance, assert_matches, fed_sequences, left_pad
+from helpers import assert_books_balance, fed_sequences, left_pad
 
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36, 37], [41, 42]]
 PAD, NO_EOS, NEW = 257, 319, 4

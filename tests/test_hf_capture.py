@@ -20,7 +20,7 @@ def _all_hooks(family):
 def test_generate_ragged_batch_matches_reference(family, load, out):
     model = load(family)
     ids, mask = left_pad(PROMPTS, PAD)
-    with dmi.attach(model, dmi.CaptureSpec(hooks=_all_hooks(family), sink=out)) as s:
+    with dmi.attach(model, dmi.CaptureSpec(hooks=_all_hooks(family), sink=out)):
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                              pad_token_id=PAD, eos_token_id=NO_EOS)
     assert (gen[:, ids.shape[1]:] != NO_EOS).all()

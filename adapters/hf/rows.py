@@ -7,7 +7,7 @@ would have stopped there). Every bare forward's batch rows are new requests.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
