@@ -261,7 +261,6 @@ class Session:
             log.error("dmi: closing the sink failed: %s; what it committed before stays readable", e)
         finally:
             self.ring.close()
-            self.ring.buffer = self.drain._ring_np = None  # the ring's memory goes back now, not when the session dies
 
     def __enter__(self) -> "Session":
         return self

@@ -71,7 +71,6 @@ class Drain:
         self.acct = accounting
         self.hook_infos = hook_infos      # hook index -> HookInfo, filled by the session
         self.host = ByteBoundedQueue(host_bytes)
-        self._ring_np = ring.buffer.numpy() if ring.buffer.device.type == "cpu" else None
         self.sink_failed: str | None = None
         self._drain = threading.Thread(target=self._drain_loop, name="dmi-drain", daemon=True)
         self._sinker = threading.Thread(target=self._sink_loop, name="dmi-sink", daemon=True)
@@ -102,10 +101,8 @@ class Drain:
         try:
             # numpy, not torch, on this thread: a torch op here would start a second OpenMP
             # team that fights the engine's own for the cores.
-            if self._ring_np is not None:
-                host = self._ring_np[slot.offset: slot.offset + slot.nbytes].copy()
-            else:
-                host = self.ring.view(slot.offset, slot.nbytes).cpu().numpy()
+            raw = self.ring.view(slot.offset, slot.nbytes)
+            host = raw.numpy().copy() if raw.device.type == "cpu" else raw.cpu().numpy()
         finally:
             self.ring.release(slot.offset)
         self.acct.drained(slot.nbytes)

@@ -107,14 +107,14 @@ class FrameRing:
         self._cv = threading.Condition()
         self._sealed = False
 
-    def put(self, item, wake: bool = False) -> None:
+    def put(self, item) -> None:
         with self._cv:
             while len(self._items) >= self.capacity:
                 self._sealed = True
                 self._cv.notify_all()
                 self._cv.wait()
             self._items.append(item)
-            if wake or isinstance(item, Marker) or len(self._items) >= self.capacity // 2:
+            if isinstance(item, Marker) or len(self._items) >= self.capacity // 2:
                 self._sealed = True
                 self._cv.notify_all()
 

@@ -107,6 +107,9 @@ class PayloadRing:
         return self.used / self.capacity
 
     def close(self) -> None:
+        """No more slots; the buffer's memory goes back now, not when the session object dies.
+        Call once nothing reads the ring any more (the drain has stopped)."""
         with self._lock:
             self.closed = True
+            self.buffer = None
             self._lock.notify_all()
