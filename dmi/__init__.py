@@ -12,7 +12,8 @@ from dmi.spec import CaptureSpec  # noqa: E402
 
 
 def attach(engine, spec=None, *, progress: bool = False):
-    """Arm `engine` with the capture points `spec` names; returns a Session (a context manager).
+    """Arm `engine` with the capture points `spec` names; returns a Session (a context manager),
+    or a dmi.remote.RemoteSession for an engine whose model runs in worker processes.
 
     Bad input raises a ValueError subclass naming the field, before the engine is touched.
     """
@@ -21,6 +22,8 @@ def attach(engine, spec=None, *, progress: bool = False):
 
     spec = CaptureSpec.parse(spec)
     adapter = plugins.adapter_for(engine)
+    if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
+        return adapter.open_session(spec, progress=progress)
     sink = plugins.sink_for(spec.sink)
     return Session(engine, adapter, spec, sink, progress=progress)
 
