@@ -177,6 +177,18 @@ class Session:
         self.frames.put(Slot(plan, i, off, nbytes, tuple(rows_x.shape[1:]), rows_x.dtype, sel.token_idx,
                              pattern_batch=sel.token_idx // T if info.ragged else None))
 
+    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache") -> None:
+        """Record that the engine did not compute these positions of a request (served from a
+        prefix cache), for every hook: a reader sees them as gaps with `reason`, never as silently
+        missing. They were never produced, so produced = filtered + written + dropped is unchanged;
+        stats()["not_computed"] counts them per reason."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if self.closed or not len(pos):
+            return
+        self.acct.skipped(len(pos) * len(self.names), reason)
+        for name in self.names:
+            self.frames.put(GapBlock(name, [request_id] * len(pos), pos, np.full(len(pos), self.step, np.int64), reason))
+
     def _info(self, i: int, rows_x: torch.Tensor) -> HookInfo:
         info = self.hook_infos.get(i)
         if info is None:

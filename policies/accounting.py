@@ -18,6 +18,7 @@ class Accounting:
         self.drop_reasons: dict[str, int] = defaultdict(int)
         self.dropped_by_request: dict[str, int] = defaultdict(int)
         self.switches: list[dict] = []   # degrade policy: every switch, in order
+        self.not_computed: dict[str, int] = defaultdict(int)  # rows the engine skipped (prefix cache), by reason
         self.bytes_captured = 0
         self.bytes_drained = 0
         self.bytes_written = 0
@@ -48,6 +49,10 @@ class Accounting:
             for r in requests:
                 self.dropped_by_request[r] += 1
 
+    def skipped(self, n: int, reason: str) -> None:
+        with self._lock:
+            self.not_computed[reason] += n
+
     def drained(self, nbytes: int) -> None:
         with self._lock:
             self.bytes_drained += nbytes
@@ -75,6 +80,7 @@ class Accounting:
                 "hooks": {k: dict(v) for k, v in self.hooks.items()},
                 "drop_reasons": dict(self.drop_reasons),
                 "dropped_by_request": dict(self.dropped_by_request),
+                "not_computed": dict(self.not_computed),
                 "degrade_switches": list(self.switches),
                 "bytes_captured": self.bytes_captured,
                 "bytes_drained": self.bytes_drained,
