@@ -21,6 +21,7 @@ from dmi.kernels.capture_op import CTRL_WIDTH, capture as capture_op
 from dmi.policies import Accounting, RowFilter
 from dmi.ring import FrameRing, PayloadRing, Slot, StepPlan
 from dmi.ring.frames import Marker, RowTable
+from dmi.ring.upload import PinnedUpload
 from dmi.sinks.base import GapBlock, HookInfo, RunMeta
 
 log = logging.getLogger("dmi")
@@ -58,6 +59,8 @@ class Session:
 
         name, config = adapter.describe()
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
+        self._on_gpu = self.ring.buffer.device.type == "cuda"
+        self._upload = PinnedUpload(self.ring.buffer.device) if self._on_gpu else None
         self.ctrl = torch.zeros((len(self.bindings), CTRL_WIDTH), dtype=torch.int64)
         self._ctrl_np = self.ctrl.numpy()  # same memory; numpy stores cost 0.1 us, tensor stores 2 us
         self.frames = FrameRing()
@@ -121,6 +124,10 @@ class Session:
 
     def end_step(self) -> None:
         if self.plan is not None:
+            if self._on_gpu and self.plan.stream is not None:
+                ev = torch.cuda.Event()
+                ev.record(self.plan.stream)  # the drain waits on this, never on the stream
+                self.plan.done_event = ev
             self.plan = None
             self.frames.seal()
             self.step += 1
@@ -170,9 +177,15 @@ class Session:
             self.frames.seal()  # let the drain free what this step already wrote
             self._drop(name, sel, plan, nbytes)
             return
-        self._ctrl_np[i, 0] = 1
-        self._ctrl_np[i, 1] = off
-        capture_op(self.ring.buffer, rows_x, sel.src_rows, self.ctrl, i)
+        self._ctrl_np[i] = (1, off, n)
+        src = sel.src_rows
+        if self._on_gpu:
+            if plan.stream is None:
+                plan.stream = torch.cuda.current_stream(self.ring.buffer.device)
+            if sel.src_dev is None:
+                sel.src_dev = self._upload.put(sel.src_rows.numpy())
+            src = sel.src_dev
+        capture_op(self.ring.buffer, rows_x, src, self.ctrl, i)
         self.acct.captured(name, sel.produced, sel.filtered, n, nbytes)
         self.frames.put(Slot(plan, i, off, nbytes, tuple(rows_x.shape[1:]), rows_x.dtype, sel.token_idx,
                              pattern_batch=sel.token_idx // T if info.ragged else None))

@@ -13,6 +13,6 @@ if __name__ == "kernels":
     __file__ = None
 else:
     from . import host_ops
-    from .capture_op import CTRL_ENABLED, CTRL_OFFSET, CTRL_WIDTH, capture, capture_reference
+    from .capture_op import CTRL_COUNT, CTRL_ENABLED, CTRL_OFFSET, CTRL_WIDTH, capture, capture_reference
 
-    __all__ = ["capture", "capture_reference", "host_ops", "CTRL_ENABLED", "CTRL_OFFSET", "CTRL_WIDTH"]
+    __all__ = ["capture", "capture_reference", "host_ops", "CTRL_ENABLED", "CTRL_OFFSET", "CTRL_COUNT", "CTRL_WIDTH"]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
-# ctrl is int64 [n_slots, CTRL_WIDTH]: per capture slot, an enabled flag and the byte
-# offset in the ring where the slot's first row goes. Rows are written back to back.
+# ctrl is int64 [n_slots, CTRL_WIDTH]: per capture slot, an enabled flag, the byte offset in
+# the ring where the slot's first row goes, and how many entries of src_rows are used. Rows
+# are written back to back. On a GPU under CUDA graphs ctrl and src_rows are device tensors
+# the host rewrites before each replay; the graph itself never changes.
 CTRL_ENABLED = 0
 CTRL_OFFSET = 1
-CTRL_WIDTH = 2
+CTRL_COUNT = 2
+CTRL_WIDTH = 3
 
 # Defined through torch.library's schema API rather than the @custom_op decorator: same
 # opaque op, same mutation annotation (`Tensor(a!) ring`), same fake impl for torch.compile,
@@ -21,9 +24,13 @@ def _capture_impl(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, c
                   slot: int) -> None:
     """Copy rows `src_rows` of `x` (viewed as [rows, ...]) into `ring` at ctrl[slot]'s offset.
 
-    ring: uint8 [ring_bytes]; x: [rows, *row_shape] any dtype; src_rows: int64 [n];
+    ring: uint8 [ring_bytes]; x: [rows, *row_shape] any dtype; src_rows: int64 [>= count];
     ctrl: int64 [n_slots, CTRL_WIDTH]. A disabled slot writes nothing (a dropped frame).
     """
+    if ring.device.type == "cuda":
+        from dmi.kernels.triton_capture import capture_rows as triton_rows
+
+        return triton_rows(ring, x, src_rows, ctrl, slot)
     from dmi.kernels.cpu import capture_rows
 
     capture_rows(ring, x, src_rows, ctrl, slot)

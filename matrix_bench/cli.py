@@ -14,8 +14,8 @@ PRESETS = {
     "cpu": dict(engines="hf,vllm,sglang", model="small", batch_sizes="1,8,32", decode_lens="16,64", prompt_len=32,
                 repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight"),
     "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64,256",
-                      decode_lens="16,128,256", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
-                      modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight"),
+                      decode_lens="16,128", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
+                      modes="off,dmi,dmi-null,hf-hidden-states,off-graphs,dmi-graphs,forward-hook-cpu,nnsight"),
 }
 DEFAULT_HOOKS = "blocks.*.hook_resid_post,hook_logits"
 
@@ -171,7 +171,25 @@ def environment(args) -> dict:
             "model": args.model, "hooks": args.hooks, "dtype": args.dtype, "device": args.device,
             "spec": dmi.CaptureSpec(hooks=_hooks(args.hooks), ring={"bytes": args.ring_bytes}).to_json(),
             "sink_delay_ms": args.sink_delay_ms, "prompt_len": args.prompt_len, "repeats": args.repeats,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # what a drain could reach at best on this machine: dmi's drain_mb_s compares to this
+            "pinned_d2h_mb_s": pinned_copy_mb_s(args.device)}
+
+
+def pinned_copy_mb_s(device: str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Device -> pinned host copy bandwidth (best of `repeats`), 0 off a GPU."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return 0.0
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e6
 
 
 def _cpus() -> int:

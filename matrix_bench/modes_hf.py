@@ -12,7 +12,10 @@ import torch
 import dmi
 import dmi.plugins
 
-MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight")
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight",
+         "off-graphs", "dmi-graphs")
+# *-graphs: generate with a static KV cache, which transformers compiles (mode "reduce-overhead":
+# CUDA graphs) on a GPU; the same capture points then run inside the compiled decode step.
 
 
 def unavailable(mode: str) -> str | None:
@@ -167,9 +170,11 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
     facts = {"bytes_captured": 0, "rows_dropped": 0, "close_s": 0.0}
     ctx: contextlib.AbstractContextManager
     session = None
-    if mode == "off":
+    if mode.endswith("-graphs"):
+        kwargs["cache_implementation"] = "static"
+    if mode in ("off", "off-graphs"):
         ctx = contextlib.nullcontext()
-    elif mode in ("dmi", "dmi-drop", "dmi-null"):
+    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-graphs"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)

@@ -67,7 +67,7 @@ def test_capture_op_matches_reference_and_disabled_writes_nothing(rows, width, d
     ring = torch.full((nbytes + 128,), 7, dtype=torch.uint8)
     expected = ring.clone()
     capture_reference(expected, x, src, off)
-    ctrl = torch.tensor([[0, 0], [1, off]], dtype=torch.int64)
+    ctrl = torch.tensor([[0, 0, len(src)], [1, off, len(src)]], dtype=torch.int64)
     capture(ring, x, src, ctrl, 1)
     assert torch.equal(ring, expected)
     untouched = torch.full_like(ring, 7)
@@ -77,7 +77,7 @@ def test_capture_op_matches_reference_and_disabled_writes_nothing(rows, width, d
 
 def test_capture_op_survives_compile_fullgraph():
     ring = torch.zeros(4096, dtype=torch.uint8)
-    ctrl = torch.tensor([[1, 128]], dtype=torch.int64)
+    ctrl = torch.tensor([[1, 128, 2]], dtype=torch.int64)
     src = torch.tensor([0, 2])
 
     def f(x):
@@ -93,3 +93,15 @@ def test_capture_op_survives_compile_fullgraph():
     x2 = torch.randn(3, 4)
     compiled(x2)
     assert torch.equal(ring[512:544].view(torch.float32).reshape(2, 4), (x2 * 2)[[0, 2]])
+
+
+def test_drain_coalesces_adjacent_slots_into_one_copy_per_range():
+    from types import SimpleNamespace
+
+    from dmi.drain.copy import coalesce
+
+    s = lambda off, n: SimpleNamespace(offset=off, nbytes=n)  # noqa: E731
+    # 0..64 and 64..192 are back to back (sizes round up to 64); 512 starts a new range (the
+    # ring skipped its end and wrapped, or a slot in between was released already)
+    assert coalesce([s(0, 10), s(64, 100), s(512, 64), s(576, 1)]) == [(0, 192), (512, 640)]
+    assert coalesce([]) == []

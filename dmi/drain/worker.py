@@ -10,6 +10,7 @@ import torch
 from dmi.ring.frames import FrameRing, Marker, Slot
 from dmi.sinks.base import GapBlock, RowBlock, Sink
 
+from .copy import copier_for
 from .hostqueue import ByteBoundedQueue
 
 log = logging.getLogger("dmi")
@@ -71,6 +72,7 @@ class Drain:
         self.acct = accounting
         self.hook_infos = hook_infos      # hook index -> HookInfo, filled by the session
         self.host = ByteBoundedQueue(host_bytes)
+        self.copier = copier_for(ring)
         self.sink_failed: str | None = None
         self._drain = threading.Thread(target=self._drain_loop, name="dmi-drain", daemon=True)
         self._sinker = threading.Thread(target=self._sink_loop, name="dmi-sink", daemon=True)
@@ -87,27 +89,33 @@ class Drain:
         while True:
             items = self.frames.take_all(timeout=0.05)
             pending: dict[int, list] = {}  # hook -> [(rows, slot)], merged into one block per hook
+            slots: list[Slot] = []
             for item in items:
                 if isinstance(item, Slot):
-                    self._copy_out(item, pending)
+                    slots.append(item)
                     continue
+                self._copy_out(slots, pending)
                 self._hand_over(pending)  # order: everything before a marker or gap goes first
                 self.host.put(item)
                 if isinstance(item, Marker) and item.kind == "stop":
                     return
+            self._copy_out(slots, pending)
             self._hand_over(pending)
 
-    def _copy_out(self, slot: Slot, pending: dict) -> None:
+    def _copy_out(self, slots: list[Slot], pending: dict) -> None:
+        """One copy per drain wake-up for all slots taken (coalesced on a GPU), then release."""
+        if not slots:
+            return
         try:
-            # numpy, not torch, on this thread: a torch op here would start a second OpenMP
-            # team that fights the engine's own for the cores.
-            raw = self.ring.view(slot.offset, slot.nbytes)
-            host = raw.numpy().copy() if raw.device.type == "cpu" else raw.cpu().numpy()
+            hosts = self.copier.copy(slots)
         finally:
-            self.ring.release(slot.offset)
-        self.acct.drained(slot.nbytes)
-        rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
-        pending.setdefault(slot.hook, []).append((rows, slot))
+            for slot in slots:
+                self.ring.release(slot.offset)
+        for host, slot in zip(hosts, slots):
+            self.acct.drained(slot.nbytes)
+            rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
+            pending.setdefault(slot.hook, []).append((rows, slot))
+        slots.clear()
 
     def _hand_over(self, pending: dict) -> None:
         for hook, parts in pending.items():

@@ -41,6 +41,7 @@ class RowSelection:
     produced: int                # real (non-padding) rows the engine computed for this hook
     filtered: int                # real rows the filters left out
     lost_idx: np.ndarray         # RowTable rows the filters keep but `degrade` gave up (dropped)
+    src_dev: Any = None          # GPU: src_rows uploaded to the device, once per step
 
 
 @dataclass
@@ -49,6 +50,8 @@ class StepPlan:
     rows: RowTable
     keep: np.ndarray             # bool [batch*tokens]: real rows the filters keep
     reduced: np.ndarray | None = None  # while degraded: the rows the fallback keeps
+    stream: Any = None           # GPU: the engine's stream the step's captures were enqueued on
+    done_event: Any = None       # GPU: recorded on `stream` when the step ended (its frame sealed)
     _by_t: dict[tuple[int, bool], RowSelection] = field(default_factory=dict)
 
     def select(self, t: int, in_fallback: bool = True) -> RowSelection:
