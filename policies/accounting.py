@@ -49,6 +49,13 @@ class Accounting:
             for r in requests:
                 self.dropped_by_request[r] += 1
 
+    def refiltered(self, hook: str, n: int) -> None:
+        """Rows captured, then found (by the drain) to be ones the filters leave out."""
+        with self._lock:
+            h = self.hooks[hook]
+            h["in_flight"] -= n
+            h["filtered"] += n
+
     def skipped(self, n: int, reason: str) -> None:
         with self._lock:
             self.not_computed[reason] += n

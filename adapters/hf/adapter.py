@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,9 @@ class HFAdapter(Adapter):
         self._gen: GenerateState | None = None
         self._had_generate_attr = False
         self._root = _root_prefix(model, table)
+        # GPU: build row tables without reading the device during decode (see rows.LateEos).
+        # DMI_SYNC_FREE=1 forces that path on the CPU, where tests check it against the other.
+        self.sync_free = self.device.type == "cuda" or os.environ.get("DMI_SYNC_FREE") == "1"
 
     # -- description ------------------------------------------------------------------
     @property
@@ -182,7 +186,7 @@ class HFAdapter(Adapter):
                                  "to place its rows (generate passes both)")
             host_ops.step_begin(self._token, self._bridge, inp.ref, inp.is_ids, inp.mask, inp.cache_position)
         else:
-            self.session.begin_step(row_table(inp, self.counter, self._gen))
+            self.session.begin_step(row_table(inp, self.counter, self._gen, self.sync_free, self.session.step))
 
     def _end(self, module, args, output):
         if torch.compiler.is_compiling():
@@ -192,7 +196,8 @@ class HFAdapter(Adapter):
 
     # -- host side of the compiled path (called by dmi.kernels.host_ops) ---------------
     def op_step_begin(self, ref, is_ids, mask, cache_position) -> None:
-        self.session.begin_step(row_table(StepInputs(ref, is_ids, mask, cache_position), self.counter, self._gen))
+        self.session.begin_step(row_table(StepInputs(ref, is_ids, mask, cache_position), self.counter, self._gen,
+                                          self.sync_free, self.session.step))
 
     def op_capture(self, hook: int, x: torch.Tensor, flat: bool) -> None:
         self.session.capture(hook, x, flat=flat)

@@ -7,6 +7,7 @@ would have stopped there). Every bare forward's batch rows are new requests.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,45 @@ class GenerateState:
     request_ids: list[str] | None = None
     finished: np.ndarray | None = None
     forwards: int = 0
+    # sync-free mode (GPU): where each row's next token goes, and the EOS tracker the drain resolves
+    next_pos: np.ndarray | None = None
+    key_mask: np.ndarray | None = None
+    late: "LateEos | None" = None
+
+
+class LateEos:
+    """Which requests of a generate ended at EOS, learned without stopping the GPU.
+
+    Reading the fed tokens on the host each step would synchronize the compute stream. Instead
+    each step's tokens go to pinned memory with an async copy, and the drain, which waits for
+    the step anyway, resolves here (in step order) which batch rows were still alive; it filters
+    out rows of requests that had ended, exactly as the synchronous path does before capture.
+    """
+
+    def __init__(self, eos_ids: set[int], batch: int):
+        self.eos = np.array(sorted(eos_ids), dtype=np.int64)
+        self.finished = np.zeros(batch, dtype=bool)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, fed tokens on the host), in order
+        self._alive: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def add(self, step: int, fed: torch.Tensor) -> None:
+        """Engine thread: the tokens fed at `step` ([batch], any device), copied without a sync."""
+        host = torch.empty(fed.shape, dtype=fed.dtype, pin_memory=fed.is_cuda)
+        host.copy_(fed, non_blocking=True)
+        with self._lock:
+            self._pending.append((step, host))
+
+    def alive(self, step: int) -> np.ndarray | None:
+        """Drain thread, once `step` has completed on the device: batch rows not yet ended."""
+        with self._lock:
+            while self._pending and self._pending[0][0] <= step:
+                s, host = self._pending.pop(0)
+                self.finished |= np.isin(host.numpy(), self.eos)
+                self._alive[s] = ~self.finished
+            for old in [k for k in self._alive if k < step]:
+                del self._alive[old]
+            return self._alive.get(step)
 
 
 @dataclass
@@ -62,7 +102,15 @@ def step_inputs(args: tuple, kwargs: dict) -> StepInputs:
     return StepInputs(ref, input_ids is not None, mask, kwargs.get("cache_position"), kwargs.get("past_key_values"))
 
 
-def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | None) -> RowTable:
+def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | None, sync_free: bool = False,
+              step: int = 0) -> RowTable:
+    """The step's rows. With sync_free (GPU), decode steps of a generate read nothing from the
+    device: positions and key mask continue from the prefill on the host, and EOS is resolved
+    later by the drain (LateEos); only the prefill reads its mask, once per generate."""
+    if sync_free and gen is not None and gen.forwards > 0 and gen.next_pos is not None:
+        table = _decode_rows_sync_free(inp, gen, step)
+        if table is not None:
+            return table
     ref, mask, cache_pos = inp.ref, inp.mask, inp.cache_position
     input_ids = ref if inp.is_ids else None
     B, T = int(ref.shape[0]), int(ref.shape[1])
@@ -99,8 +147,32 @@ def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | Non
         real &= ~gen.finished[:, None]
     if in_generate:
         gen.forwards += 1
+        if sync_free and first:
+            gen.next_pos = position[:, -1].astype(np.int64) + 1
+            gen.key_mask = key_mask
+            gen.late = LateEos(gen.eos_ids, B) if gen.eos_ids and input_ids is not None else None
 
+    return _table(B, T, ids, real, position, PREFILL if first else DECODE, key_mask)
+
+
+def _table(B, T, ids, real, position, phase, key_mask, late=None) -> RowTable:
     request = np.where(real, np.arange(B, dtype=np.int32)[:, None], -1).astype(np.int32).reshape(-1)
-    phase = np.full(B * T, PREFILL if first else DECODE, dtype=np.int8)
     return RowTable(batch=B, tokens=T, request_ids=ids, request=request,
-                    position=position.astype(np.int64).reshape(-1), phase=phase, key_mask=key_mask)
+                    position=np.asarray(position, dtype=np.int64).reshape(-1),
+                    phase=np.full(B * T, phase, dtype=np.int8), key_mask=key_mask, late=late)
+
+
+def _decode_rows_sync_free(inp: StepInputs, gen: GenerateState, step: int) -> RowTable | None:
+    ref = inp.ref
+    B, T = int(ref.shape[0]), int(ref.shape[1])
+    if B != len(gen.request_ids):
+        return None  # not the generate we know (the caller falls back to reading the device)
+    real = np.ones((B, T), dtype=bool)  # generate extends every row's mask by ones
+    position = gen.next_pos[:, None] + np.arange(T)[None, :]
+    gen.next_pos = gen.next_pos + T
+    if gen.key_mask is not None:
+        gen.key_mask = np.concatenate([gen.key_mask, np.ones((B, T), dtype=bool)], axis=1)
+    if gen.late is not None and inp.is_ids:
+        gen.late.add(step, ref[:, -1].detach())
+    gen.forwards += 1
+    return _table(B, T, gen.request_ids, real, position, DECODE, gen.key_mask, late=gen.late)

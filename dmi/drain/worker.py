@@ -114,8 +114,28 @@ class Drain:
         for host, slot in zip(hosts, slots):
             self.acct.drained(slot.nbytes)
             rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
+            late = slot.plan.rows.late
+            if late is not None:
+                rows = self._late_filter(late, rows, slot)
+                if not len(rows):
+                    continue
             pending.setdefault(slot.hook, []).append((rows, slot))
         slots.clear()
+
+    def _late_filter(self, late, rows: np.ndarray, slot: Slot) -> np.ndarray:
+        """Drop rows of requests that had already ended (learned only now, see LateEos): they
+        move from in flight to filtered, as if filtered before capture."""
+        alive = late.alive(slot.plan.step)
+        if alive is None:
+            return rows
+        keep = alive[slot.token_idx // slot.plan.rows.tokens]
+        if keep.all():
+            return rows
+        self.acct.refiltered(self.hook_infos[slot.hook].name, int((~keep).sum()))
+        slot.token_idx = slot.token_idx[keep]
+        if slot.pattern_batch is not None:
+            slot.pattern_batch = slot.pattern_batch[keep]
+        return rows[keep]
 
     def _hand_over(self, pending: dict) -> None:
         for hook, parts in pending.items():

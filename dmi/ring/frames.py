@@ -30,6 +30,9 @@ class RowTable:
     position: np.ndarray         # int64 [batch*tokens]: position within the request, from 0
     phase: np.ndarray            # int8 [batch*tokens]: PREFILL or DECODE
     key_mask: np.ndarray | None = None   # bool [batch, keys]: real keys, for attention patterns
+    # Rows whose request may have ended before this step, known only once the step ran on the
+    # device (GPU, no sync): late.alive(step) -> bool [batch] or None, called by the drain.
+    late: Any = None
 
 
 @dataclass
