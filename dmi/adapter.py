@@ -16,6 +16,10 @@ class Binding:
     source: str               # where it is read, for the file: "model.layers.0:output"
     row_bytes: int            # bytes of one token row, estimated at attach (0 if unknown until run)
     ragged: bool = False      # attention pattern: row width grows with position
+    # Exact row layout when known at attach; capture inside CUDA graphs needs it (a replayed
+    # graph cannot report shapes back), eager capture reads it off each tensor instead.
+    row_shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
 
 
 class Adapter:

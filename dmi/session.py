@@ -61,6 +61,7 @@ class Session:
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
         self._upload = PinnedUpload(self.ring.buffer.device) if self._on_gpu else None
+        self._graph = None
         self.ctrl = torch.zeros((len(self.bindings), CTRL_WIDTH), dtype=torch.int64)
         self._ctrl_np = self.ctrl.numpy()  # same memory; numpy stores cost 0.1 us, tensor stores 2 us
         self.frames = FrameRing()
@@ -203,13 +204,23 @@ class Session:
             self.frames.put(GapBlock(name, [request_id] * len(pos), pos, np.full(len(pos), self.step, np.int64), reason))
 
     def _info(self, i: int, rows_x: torch.Tensor) -> HookInfo:
+        return self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
+
+    def _info_from(self, i: int, dtype: torch.dtype, row_shape: tuple[int, ...]) -> HookInfo:
         info = self.hook_infos.get(i)
         if info is None:
             b = self.bindings[i]
-            info = HookInfo(b.name, str(rows_x.dtype).removeprefix("torch."), tuple(rows_x.shape[1:]),
-                            ragged=b.ragged, source=b.source)
+            info = HookInfo(b.name, str(dtype).removeprefix("torch."), row_shape, ragged=b.ragged, source=b.source)
             self.hook_infos[i] = info
         return info
+
+    def graph_plan(self):
+        """The device-side plan for captures inside CUDA graphs (dmi.ring.graphplan), made once."""
+        if self._graph is None:
+            from dmi.ring.graphplan import GraphPlan
+
+            self._graph = GraphPlan(self)
+        return self._graph
 
     def _drop(self, name: str, sel, plan: StepPlan, nbytes: int) -> None:
         if PayloadRing.aligned(nbytes) > self.ring.capacity:

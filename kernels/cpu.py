@@ -12,5 +12,9 @@ def capture_rows(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ct
     rows = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(-1, 1)
     # index_select always copies: the ring never keeps a view of an engine buffer that
     # an in-place kernel could overwrite later.
-    data = rows.index_select(0, src_rows.to(rows.device)).contiguous().view(torch.uint8).reshape(-1)
+    try:
+        data = rows.index_select(0, src_rows.to(rows.device)).contiguous().view(torch.uint8).reshape(-1)
+    except (IndexError, RuntimeError):
+        # A device plan made for another shape (graphplan records those rows as gaps): write nothing.
+        return
     ring[offset: offset + data.numel()].copy_(data)

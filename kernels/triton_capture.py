@@ -23,7 +23,7 @@ BLOCK = 1024  # words per program
 _kernel = None  # jitted on first use, so a TRITON_INTERPRET=1 set by a test before that is honoured
 
 
-def _body(ring_ptr, x_ptr, rows_ptr, ctrl_ptr, slot, offset_arg, count_arg, row_words, x_stride,
+def _body(ring_ptr, x_ptr, rows_ptr, ctrl_ptr, slot, offset_arg, count_arg, row_words, x_stride, x_rows,
           FROM_CTRL: tl.constexpr, WORD: tl.constexpr, CTRL_W: tl.constexpr, C_EN: tl.constexpr,
           C_OFF: tl.constexpr, C_CNT: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0)
@@ -38,8 +38,10 @@ def _body(ring_ptr, x_ptr, rows_ptr, ctrl_ptr, slot, offset_arg, count_arg, row_
         live = r < count_arg
     cols = cb * BLOCK + tl.arange(0, BLOCK)
     # Masked, not branched: a disabled slot or a row past `count` loads and stores nothing.
-    mask = (cols < row_words) & live
     src = tl.load(rows_ptr + r).to(tl.int64)  # in bounds: the grid never exceeds src_rows
+    # A plan made for another shape (graphplan records those rows as gaps) must not read
+    # outside x: such rows write nothing.
+    mask = (cols < row_words) & live & (src < x_rows)
     v = tl.load(x_ptr + src * x_stride + cols, mask=mask)
     dst = (offset // WORD) + r.to(tl.int64) * row_words
     tl.store(ring_ptr + dst + cols, v, mask=mask)
@@ -92,7 +94,7 @@ def capture_rows(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ct
     rw = ring[: ring.numel() // size * size].view(wdtype)
     row_words = row_bytes // size
     grid = (grid_rows, triton_cdiv(row_words, BLOCK))
-    kernel()[grid](rw, xw, src_rows, ctrl, slot, offset, count, row_words, stride_bytes // size,
+    kernel()[grid](rw, xw, src_rows, ctrl, slot, offset, count, row_words, stride_bytes // size, rows.shape[0],
                    FROM_CTRL=from_ctrl, WORD=size, CTRL_W=CTRL_WIDTH, C_EN=CTRL_ENABLED, C_OFF=CTRL_OFFSET,
                    C_CNT=CTRL_COUNT, BLOCK=BLOCK)
 

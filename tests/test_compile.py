@@ -40,3 +40,57 @@ def test_compiled_fullgraph_equals_eager(compile_first, load, tmp_path):
     # detached: the compiled model runs on, capturing nothing and raising nothing
     with torch.no_grad():
         compiled_fn(torch.tensor([[3, 4, 5]]))
+
+
+@pytest.mark.parametrize("compile_first", [False, True])
+def test_device_plan_path_compiled_equals_eager(compile_first, load, tmp_path, monkeypatch):
+    """The GPU's CUDA-graph path, run on the CPU: captures are in-graph dmi::capture nodes
+    reading a plan that a host op writes before each step (dmi.ring.graphplan). Replays of the
+    compiled graph must land every step's rows where that step's plan says."""
+    torch._dynamo.reset()
+    model = load("qwen3")
+    eager = _run(model, model, str(tmp_path / "eager.h5"))
+    monkeypatch.setenv("DMI_GRAPH_PLAN", "1")
+    compiled_fn = torch.compile(model, fullgraph=True)
+    if compile_first:
+        with torch.no_grad():
+            compiled_fn(torch.tensor([[1, 2]]))
+    comp = _run(model, compiled_fn, str(tmp_path / "comp.h5"))
+    assert comp.requests == eager.requests
+    for hook in eager.hooks:
+        for r in eager.requests:
+            assert torch.equal(comp.positions(hook, r), eager.positions(hook, r)), (hook, r)
+            assert (comp.get(hook, r) - eager.get(hook, r)).abs().max() < 1e-5, (hook, r)
+    assert comp.stats["rows"] == eager.stats["rows"]
+    assert not comp.gaps()
+    with torch.no_grad():
+        compiled_fn(torch.tensor([[3, 4, 5]]))
+
+
+@pytest.mark.parametrize("graph_plan", ["0", "1"])
+def test_generate_static_cache_auto_compiled_equals_eager(graph_plan, load, tmp_path, monkeypatch):
+    """generate(cache_implementation="static") compiles the decode step itself (on a GPU with
+    CUDA graphs); on the CPU `_compile_all_devices` makes it do the same. Host-op path and
+    device-plan path both must capture what eager generate captures."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = load("qwen3")
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+              eos_token_id=319)
+    with dmi.attach(model, {"hooks": HOOKS, "sink": str(tmp_path / "eager.h5")}):
+        gen_e = model.generate(**kw)
+    monkeypatch.setenv("DMI_GRAPH_PLAN", graph_plan)
+    cc = CompileConfig(fullgraph=True)
+    cc._compile_all_devices = True
+    with dmi.attach(model, {"hooks": HOOKS, "sink": str(tmp_path / "comp.h5")}):
+        gen_c = model.generate(**kw, cache_implementation="static", compile_config=cc)
+    assert torch.equal(gen_e, gen_c)
+    e, c = dmi.open(tmp_path / "eager.h5"), dmi.open(tmp_path / "comp.h5")
+    assert c.requests == e.requests and not c.gaps()
+    for hook in e.hooks:
+        for r in e.requests:
+            assert torch.equal(c.positions(hook, r), e.positions(hook, r)), (hook, r)
+            assert (c.get(hook, r) - e.get(hook, r)).abs().max() < 1e-4, (hook, r)

@@ -20,6 +20,8 @@ from dmi.errors import SpecError, UnknownHookError, closest
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.hookpoint import HookPoint
 from dmi.kernels import host_ops
+from dmi.kernels.capture_op import capture as capture_op
+from dmi.ring import graphplan
 
 from . import reading
 from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
@@ -50,6 +52,10 @@ class HFAdapter(Adapter):
         # GPU: build row tables without reading the device during decode (see rows.LateEos).
         # DMI_SYNC_FREE=1 forces that path on the CPU, where tests check it against the other.
         self.sync_free = self.device.type == "cuda" or os.environ.get("DMI_SYNC_FREE") == "1"
+        # Compiled forwards on a GPU capture in-graph from a device-side plan (CUDA graphs can
+        # replay it); DMI_GRAPH_PLAN=1 forces that path on the CPU for tests. Otherwise compiled
+        # captures go through host ops.
+        self.device_plan = self.device.type == "cuda" or os.environ.get("DMI_GRAPH_PLAN") == "1"
 
     # -- description ------------------------------------------------------------------
     @property
@@ -117,8 +123,9 @@ class HFAdapter(Adapter):
                     raise SpecError("hooks", f"{name} needs the attention probabilities, which only eager attention "
                                              f"computes; this model uses {impl!r}. Load it with "
                                              f"attn_implementation='eager' or drop the hook")
+            shape, dtype = self._row_layout(tap)
             bindings.append(HFBinding(name, f"{path}:{tap.io}", self._row_bytes(tap), ragged=tap.view == "pattern",
-                                      tap=tap, path=path))
+                                      row_shape=shape, dtype=dtype, tap=tap, path=path))
         return bindings
 
     def _module_tap(self, name: str) -> tuple[Tap, str]:
@@ -134,6 +141,15 @@ class HFAdapter(Adapter):
         io = parts[2] if len(parts) == 3 else "output"
         return Tap(path, io=io, index=0 if io == "input" else None, shape=lambda d: (0,)), path
 
+    def _row_layout(self, tap: Tap) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
+        shape = tuple(tap.shape(self.dims))
+        if 0 in shape or tap.view == "pattern":  # unknown until run (module:, HookPoint) or ragged
+            return None, None
+        if tap.dtype:
+            return shape, getattr(torch, tap.dtype)
+        p = next(self.model.parameters(), None)
+        return shape, p.dtype if p is not None else torch.float32
+
     def _row_bytes(self, tap: Tap) -> int:
         dtype_size = _DTYPE_SIZE.get(tap.dtype or "", None)
         if dtype_size is None:
@@ -146,8 +162,11 @@ class HFAdapter(Adapter):
         self.session = session
         # For torch.compile: hooks call host ops (graph nodes that run every step) instead of
         # the session directly; the token orders them. See dmi.kernels.host_ops.
-        self._token = torch.zeros(1, device=self.device)
+        # On the CPU always: a host op never becomes part of a CUDA graph.
+        self._token = torch.zeros(1)
         self._bridge = host_ops.register_bridge(self)
+        self._graph = session.graph_plan() if self.device_plan else None
+        self._logits_hooks = [i for i, b in enumerate(bindings) if b.name == "hook_logits"]
         for i, b in enumerate(bindings):
             tap, path = b.tap, b.path
             mod = self.model.get_submodule(path) if path else self.model
@@ -181,16 +200,28 @@ class HFAdapter(Adapter):
     def _begin(self, module, args, kwargs):
         inp = step_inputs(args, kwargs)
         if torch.compiler.is_compiling():
-            if inp.cache_position is None and inp.mask is None and inp.past is not None:
+            # (generate with a static cache passes a dict of prepared masks and no cache_position;
+            # its rows are placed from the mask generate was given, see rows.GenerateState.user_mask)
+            if (inp.cache_position is None and inp.mask is None and inp.past is not None
+                    and not isinstance(kwargs.get("attention_mask"), dict)):
                 raise ValueError("dmi: a compiled forward with a KV cache needs cache_position or attention_mask "
                                  "to place its rows (generate passes both)")
-            host_ops.step_begin(self._token, self._bridge, inp.ref, inp.is_ids, inp.mask, inp.cache_position)
+            if self._graph is not None:
+                keep = kwargs.get("logits_to_keep", 0)
+                host_ops.plan_step(self._graph.ctrl, self._graph.rows, self._bridge, inp.ref, inp.is_ids, inp.mask,
+                                   inp.cache_position, keep if isinstance(keep, int) else 0)
+                self._trace_bt = (inp.ref.shape[0], inp.ref.shape[1])
+            else:
+                host_ops.step_begin(self._token, self._bridge, inp.ref, inp.is_ids, inp.mask, inp.cache_position)
         else:
             self.session.begin_step(row_table(inp, self.counter, self._gen, self.sync_free, self.session.step))
 
     def _end(self, module, args, output):
         if torch.compiler.is_compiling():
-            host_ops.step_end(self._token, self._bridge)
+            if self._graph is not None:
+                host_ops.commit_step(self._token, self.session.ring.buffer, self._bridge)
+            else:
+                host_ops.step_end(self._token, self._bridge)
         else:
             self.session.end_step()
 
@@ -205,13 +236,34 @@ class HFAdapter(Adapter):
     def op_step_end(self) -> None:
         self.session.end_step()
 
+    def op_plan_step(self, ref, is_ids, mask, cache_position, logits_to_keep: int) -> None:
+        self.op_step_begin(ref, is_ids, mask, cache_position)
+        T = int(ref.shape[1])
+        last = frozenset(self._logits_hooks) if logits_to_keep == 1 and T > 1 else frozenset()
+        self._graph.plan(last)
+
+    def op_commit_step(self) -> None:
+        self._graph.commit()
+        self.session.end_step()
+
 
 def _capture_hook(adapter: HFAdapter, i: int, tap: Tap, dims, args, kwargs, output) -> None:
     x = reading.pick(tap, args, kwargs, output)
     if isinstance(x, torch.Tensor):
         x = reading.view(tap, x.detach(), dims)
         if torch.compiler.is_compiling():
-            host_ops.capture_host(adapter._token, adapter._bridge, i, x, tap.flat)
+            graph = adapter._graph
+            if graph is None:
+                host_ops.capture_host(adapter._token, adapter._bridge, i, x, tap.flat)
+                return
+            rows_x = x if tap.flat else x.flatten(0, 1)
+            graph.check(i, rows_x)
+            B, T = adapter._trace_bt
+            g = graphplan.group(rows_x.shape[0], B, T)
+            if g is None:
+                raise ValueError(f"dmi: {adapter.session.names[i]}: {rows_x.shape[0]} rows in a {B}x{T} compiled "
+                                 f"step; only all tokens or the last token per batch row can be planned")
+            capture_op(adapter.session.ring.buffer, rows_x, graph.rows[g], graph.ctrl, i)
         else:
             adapter.session.capture(i, x, flat=tap.flat)
 
@@ -228,6 +280,9 @@ def _generate(adapter: HFAdapter, original, *args, **kwargs):
         eos_ids = set(eos.flatten().tolist())
     outer = adapter._gen
     adapter._gen = GenerateState(eos_ids={int(e) for e in eos_ids})
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        adapter._gen.user_mask = mask.detach().to("cpu")  # once per generate, before any step
     try:
         return original(*args, **kwargs)
     finally:

@@ -24,6 +24,7 @@ class GenerateState:
     forwards: int = 0
     # sync-free mode (GPU): where each row's next token goes, and the EOS tracker the drain resolves
     next_pos: np.ndarray | None = None
+    user_mask: torch.Tensor | None = None  # generate's 2-D mask, for forwards given only 4-D masks (static cache)
     key_mask: np.ndarray | None = None
     late: "LateEos | None" = None
 
@@ -97,8 +98,8 @@ def step_inputs(args: tuple, kwargs: dict) -> StepInputs:
     if ref is None:
         raise ValueError("dmi: forward called without input_ids or inputs_embeds; cannot attribute rows")
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
-        mask = None  # a 4-D custom mask: treat every token as real
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        mask = None  # a 4-D mask, or a dict of them (static cache): see GenerateState.user_mask
     return StepInputs(ref, input_ids is not None, mask, kwargs.get("cache_position"), kwargs.get("past_key_values"))
 
 
@@ -107,11 +108,17 @@ def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | Non
     """The step's rows. With sync_free (GPU), decode steps of a generate read nothing from the
     device: positions and key mask continue from the prefill on the host, and EOS is resolved
     later by the drain (LateEos); only the prefill reads its mask, once per generate."""
-    if sync_free and gen is not None and gen.forwards > 0 and gen.next_pos is not None:
+    # Continue positions on the host: on a GPU (no device reads), and whenever the forward gets
+    # no 2-D mask (a static cache passes prepared 4-D masks) but generate was given one.
+    mirror = gen is not None and (sync_free or (inp.mask is None and gen.user_mask is not None))
+    if mirror and gen.forwards > 0 and gen.next_pos is not None:
         table = _decode_rows_sync_free(inp, gen, step)
         if table is not None:
             return table
     ref, mask, cache_pos = inp.ref, inp.mask, inp.cache_position
+    if (mask is None and gen is not None and gen.forwards == 0 and gen.user_mask is not None
+            and tuple(gen.user_mask.shape) == tuple(ref.shape[:2])):
+        mask, cache_pos = gen.user_mask, None  # the prefill covers the whole prompt
     input_ids = ref if inp.is_ids else None
     B, T = int(ref.shape[0]), int(ref.shape[1])
     past_len = 0
@@ -147,7 +154,7 @@ def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | Non
         real &= ~gen.finished[:, None]
     if in_generate:
         gen.forwards += 1
-        if sync_free and first:
+        if mirror and first:
             gen.next_pos = position[:, -1].astype(np.int64) + 1
             gen.key_mask = key_mask
             gen.late = LateEos(gen.eos_ids, B) if gen.eos_ids and input_ids is not None else None
