@@ -81,15 +81,17 @@ def _sync_warnings(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_capture_adds_no_synchronization_on_the_compute_stream(models, out):
-    """generate synchronizes on its own (stopping criteria); attached, it must not do so more."""
+def test_capture_adds_no_synchronization_per_step(models, out):
+    """generate synchronizes on its own; attached, the only extra synchronization allowed is the
+    one read of the prompt's mask per generate, never one per decode step."""
     _, gpu = models
     _generate(gpu)  # warm
-    bare = _sync_warnings(lambda: _generate(gpu))
+    bare = {n: _sync_warnings(lambda n=n: _generate(gpu, n=n)) for n in (4, 12)}
     with dmi.attach(gpu, dmi.CaptureSpec(hooks=HOOKS, sink=out)):
         _generate(gpu)  # warm the capture path (first-use allocations)
-        attached = _sync_warnings(lambda: _generate(gpu))
-    assert attached == bare, f"dmi added {attached - bare} synchronizing calls to a generate"
+        attached = {n: _sync_warnings(lambda n=n: _generate(gpu, n=n)) for n in (4, 12)}
+    extra = {n: attached[n] - bare[n] for n in attached}
+    assert extra[12] == extra[4] <= 2, f"dmi's synchronizations grow with the steps: {extra} (bare {bare})"
 
 
 def test_static_cache_compiled_cuda_graphs_match_eager(models, out, tmp_path):
