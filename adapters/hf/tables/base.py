@@ -9,18 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-
-@dataclass(frozen=True)
-class Dims:
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    n_experts: int = 0
-    top_k: int = 0
+from dmi.dims import Dims, llama_like_dims  # noqa: F401  (shared by every engine's tables)
 
 
 @dataclass(frozen=True)
@@ -45,21 +34,6 @@ class ArchTable:
     layers_path: str = "model.layers"
     notes: str = ""
     aliases: dict[str, str] = field(default_factory=dict)
-
-
-def llama_like_dims(cfg) -> Dims:
-    heads = cfg.num_attention_heads
-    return Dims(
-        n_layers=cfg.num_hidden_layers,
-        hidden=cfg.hidden_size,
-        n_heads=heads,
-        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        intermediate=getattr(cfg, "intermediate_size", 0) or 0,
-        vocab=cfg.vocab_size,
-        n_experts=getattr(cfg, "num_experts", 0) or 0,
-        top_k=getattr(cfg, "num_experts_per_tok", 0) or 0,
-    )
 
 
 def _q(d: Dims):
