@@ -21,7 +21,8 @@ def test_degrade_switches_and_accounts_for_everything(load, out):
     spec = dmi.CaptureSpec(hooks=HOOKS, overload="degrade", ring={"bytes": 8192},
                            degrade={"fallback": {"hooks": ["blocks.1.hook_resid_post"], "tokens": "last"},
                                     "high": 0.5, "low": 0.1},
-                           sink={"kind": "slow", "path": out, "delay": 0.02})
+                           # slow enough that the ring fills however slow a loaded machine runs the model
+                           sink={"kind": "slow", "path": out, "delay": 0.08})
     with dmi.attach(model, spec):
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                              pad_token_id=PAD, eos_token_id=NO_EOS)
