@@ -1,0 +1,135 @@
+"""Scheduler-side control of the dmi session: opened at construction (DMI_SPEC) or through
+the Engine's collective_rpc, steered (stats, flush, close) through the same RPC.
+
+collective_rpc carries only flat scalars and returns only success or an error message, so
+requests carry the spec as JSON and a `reply` path where the answer is written as JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from dmi.errors import EngineNotSupportedError, SessionStateError
+
+log = logging.getLogger("dmi")
+
+RPC_METHOD = "dmi_control"
+ENV_SPEC = "DMI_SPEC"
+
+# This process's state: one model runner, at most one session on it.
+_STATE: dict = {"runner": None, "adapter": None, "session": None, "armed_at_start": False}
+
+
+class CudaGraphAttachError(SessionStateError):
+    pass
+
+
+def register_runner(runner) -> None:
+    """Called once the target model is loaded (draft models of speculative decoding are skipped)."""
+    _STATE["runner"] = runner
+
+
+def current_adapter():
+    return _STATE["adapter"]
+
+
+def _graphs_captured(runner) -> bool:
+    return getattr(runner, "decode_cuda_graph_runner", None) is not None or (
+        getattr(runner, "prefill_cuda_graph_runner", None) is not None
+        and type(runner.prefill_cuda_graph_runner).__name__ != "EagerRunner")
+
+
+def open_session(spec_json: str, at_start: bool = False) -> dict:
+    from dmi import plugins
+    from dmi.session import Session
+    from dmi.spec import CaptureSpec
+
+    from .worker import SGLangWorkerAdapter, table_for
+
+    runner = _STATE["runner"]
+    if runner is None:
+        raise SessionStateError("dmi: this SGLang scheduler has no model runner registered (the dmi plugin was "
+                                "not loaded when the model loaded)")
+    if _STATE["session"] is not None:
+        raise SessionStateError("this engine already has an open dmi session; leave it (session.close()) first")
+    if not at_start and _graphs_captured(runner):
+        raise CudaGraphAttachError(
+            "dmi: this SGLang engine runs CUDA graphs, which replay without Python, so hooks installed now "
+            "would never run. Arm dmi at construction: set the environment variable DMI_SPEC to the spec "
+            "(JSON) before creating the Engine or launching the server, then dmi.attach(engine) with no "
+            "spec; or start the engine with disable_cuda_graph=True")
+    spec = CaptureSpec.parse(spec_json)
+    cfg = runner.model_config.hf_config
+    table = table_for(cfg, plugins.arch_tables("sglang"))  # built-ins and any plugin's tables
+    if table is None:
+        arch = (getattr(cfg, "architectures", None) or ["?"])[0]
+        raise EngineNotSupportedError(f"dmi has no SGLang architecture table for {arch!r}")
+    adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")))
+    session = Session(runner, adapter, spec, plugins.sink_for(spec.sink))
+    _STATE.update(adapter=adapter, session=session, armed_at_start=at_start)
+    log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
+    return {"hooks": session.names}
+
+
+def arm_from_env() -> None:
+    """Open the DMI_SPEC session. The caller's process validated the spec already; whatever
+    still fails here (a sink that cannot be created) is logged and kept for dmi.attach to
+    report: raising would make SGLang take the whole engine down."""
+    spec = os.environ.get(ENV_SPEC)
+    if spec and _STATE["session"] is None:
+        try:
+            open_session(spec, at_start=True)
+        except Exception as e:
+            _STATE["arm_error"] = f"{type(e).__name__}: {e}"
+            log.error("dmi: arming at construction (DMI_SPEC) failed; the engine serves without capture: %s", e)
+
+
+def flush_if_idle(scheduler) -> None:
+    s = _STATE["session"]
+    if s is None or s.step == _STATE.get("flushed_step"):
+        return
+    idle = getattr(scheduler, "is_fully_idle", None)
+    if idle is not None and not idle():
+        return
+    s.flush()
+    _STATE["flushed_step"] = s.step
+
+
+def handle(op: str, spec: str = "", timeout: float = -1.0) -> dict:
+    s = _STATE["session"]
+    if op == "status":
+        return {"open": s is not None, "armed_at_start": _STATE["armed_at_start"], "arm_error": _STATE.get("arm_error"),
+                "spec": s.spec.to_json() if s is not None else None}
+    if op == "open":
+        return open_session(spec)
+    if s is None:
+        if op == "close":
+            return {"stats": None}
+        raise SessionStateError(f"dmi: no session is open in the scheduler (op {op!r})")
+    if op == "stats":
+        return {"stats": s.stats()}
+    if op == "flush":
+        s.flush(None if timeout < 0 else timeout)
+        return {}
+    if op == "close":
+        _STATE.update(adapter=None, session=None, armed_at_start=False)
+        s.close()
+        return {"stats": s.stats()}
+    raise ValueError(f"dmi: unknown control op {op!r}")
+
+
+def rpc(scheduler, op: str, reply: str, spec: str = "", timeout: float = -1.0) -> None:
+    """Scheduler method behind collective_rpc("dmi_control", ...). Errors travel back as the
+    RPC's message, prefixed with their type so the caller can raise the same kind."""
+    try:
+        out = handle(op, spec, timeout)
+        err = None
+    except Exception as e:
+        out, err = None, {"type": type(e).__name__, "message": str(e), "value_error": isinstance(e, ValueError)}
+        log.error("dmi: %s failed: %s", op, e)
+    if reply:
+        tmp = reply + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ok": err is None, "result": out, "error": err}, f, default=str)
+        os.replace(tmp, reply)

@@ -1,0 +1,58 @@
+"""Which canonical hooks an SGLang model offers and where each is read; needs only the
+model's HF config, so the caller's process validates a spec before any worker is touched."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dmi.adapter import Binding
+from dmi.errors import UnknownHookError
+from dmi.hooknames import canonical_names, resolve, split_layer
+
+from .tables.base import Dims, SGLangTable, STap, Where
+
+_DTYPE_SIZE = {"int64": 8, "int32": 4}
+
+
+@dataclass
+class SBinding(Binding):
+    tap: STap | None = None
+    where: Where | None = None
+
+
+class HookMap:
+    def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4):
+        self.table = table
+        self.cfg = hf_config
+        self.dims: Dims = table.dims(hf_config)
+        self.dtype_size = dtype_size
+
+    def offered(self) -> dict[str, tuple[STap, Where]]:
+        out = {}
+        for name in canonical_names(self.dims.n_layers):
+            layer, suffix = split_layer(name)
+            tap = self.table.taps.get(suffix)
+            if tap is None or (layer is not None and not self.table.has(self.cfg, layer, suffix)):
+                continue
+            out[name] = (tap, tap.where(layer, self.dims))
+        return out
+
+    def resolve(self, patterns: list[str]) -> list[str]:
+        names = resolve(patterns, list(self.offered()), self.dims.n_layers)
+        modules = [n for n in names if n.startswith("module:")]
+        if modules:
+            raise UnknownHookError("hooks", f"{modules[0]!r}: 'module:' hooks are not offered on SGLang; use the "
+                                            f"canonical names ({', '.join(list(self.offered())[:4])}, ...) or a "
+                                            f"preset (resid, attn, mlp, all)")
+        return names
+
+    def bind(self, patterns: list[str]) -> list[SBinding]:
+        offered = self.offered()
+        out = []
+        for name in self.resolve(patterns):
+            tap, where = offered[name]
+            size = _DTYPE_SIZE.get(tap.dtype or "", self.dtype_size)
+            idx = "" if where.index is None else f"[{where.index}]"
+            out.append(SBinding(name, f"{where.module}:{where.io}{idx}", math.prod(tap.shape(self.dims)) * size,
+                                tap=tap, where=where))
+        return out

@@ -1,0 +1,97 @@
+"""Who each row of an SGLang forward belongs to, read from its ForwardBatch.
+
+SGLang's batch is flat: a prefill (extend) step holds every request's new tokens back to back,
+request i at rows [start_i, start_i + extend_seq_lens_cpu[i]) and positions from
+extend_prefix_lens_cpu[i] (what the KV cache already holds: an earlier chunk, or the radix
+cache); a decode step holds one row per request at position seq_len - 1. Mixed batches are
+extend batches whose decoding requests extend by one token. Rows past the real tokens (graph
+padding) belong to no request.
+
+The logits processor computes one row per request, for its last row; `last_rows` says which
+rows of the step those are.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from dmi.ring.frames import DECODE, PREFILL, RowTable
+
+# sglang.srt.constants.HEALTH_CHECK_RID_PREFIX: the server's /health probes are generate
+# requests of its own, not user traffic; their rows are treated as padding (never recorded).
+HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
+
+
+def row_table(fb, n_rows: int) -> tuple[RowTable, np.ndarray]:
+    """(rows of the step, index of each request's last row; -1 where a padded logits row is)."""
+    mode = fb.forward_mode
+    rids = [str(r) for r in (fb.rids or [])]
+    request = np.full(n_rows, -1, dtype=np.int32)
+    position = np.zeros(n_rows, dtype=np.int64)
+    phase = np.full(n_rows, PREFILL, dtype=np.int8)
+    if mode.is_decode():
+        bs = len(rids)
+        seq = np.asarray(fb.seq_lens_cpu[:bs], dtype=np.int64)
+        request[:bs] = np.arange(bs, dtype=np.int32)
+        position[:bs] = seq - 1
+        phase[:bs] = DECODE
+        last = np.arange(bs, dtype=np.int64)
+    elif mode.is_extend() and fb.extend_seq_lens_cpu is not None:
+        lens = np.asarray(fb.extend_seq_lens_cpu, dtype=np.int64)
+        prefix = np.asarray(fb.extend_prefix_lens_cpu, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        total = int(lens.sum())
+        if total > n_rows:
+            raise RuntimeError(f"dmi: SGLang step has {total} extend tokens but its tensors hold {n_rows} rows")
+        req = np.repeat(np.arange(len(lens), dtype=np.int32), lens)
+        request[:total] = req
+        position[:total] = prefix[req] + (np.arange(total) - starts[req])
+        last = starts + lens - 1
+    else:  # idle and modes dmi does not attribute (speculative verify, ...): nothing recorded
+        rids, last = [], np.zeros(0, dtype=np.int64)
+    probes = [i for i, r in enumerate(rids) if r.startswith(HEALTH_CHECK_PREFIX)]
+    if probes:
+        request[np.isin(request, probes)] = -1
+    return RowTable(batch=1, tokens=n_rows, request_ids=rids, request=request, position=position,
+                    phase=phase), last
+
+
+def extend_gaps(fb) -> list[tuple[str, int, int]]:
+    """(request id, first new position, prefix length) of each extending request."""
+    if not fb.forward_mode.is_extend() or fb.extend_prefix_lens_cpu is None:
+        return []
+    return [(str(r), int(p), int(n)) for r, p, n in zip(fb.rids or [], fb.extend_prefix_lens_cpu,
+                                                       fb.extend_seq_lens_cpu)]
+
+
+class Coverage:
+    """How far each request's positions have been computed while dmi watched, to tell a radix
+    cache hit (positions the engine never computed) from the previous chunk of a chunked
+    prefill (computed, already recorded)."""
+
+    def __init__(self, limit: int = 1 << 16):
+        self.done: OrderedDict[str, int] = OrderedDict()
+        self.limit = limit
+
+    def step(self, fb) -> list[tuple[str, np.ndarray]]:
+        """Advance with this step; return the cached (not computed) positions per request."""
+        skipped = []
+        if fb.forward_mode.is_decode():
+            for rid, seq in zip(fb.rids or [], fb.seq_lens_cpu.tolist()):
+                self._set(str(rid), int(seq))
+            return skipped
+        for rid, prefix, n in extend_gaps(fb):
+            if rid.startswith(HEALTH_CHECK_PREFIX):
+                continue
+            seen = self.done.get(rid, 0)
+            if prefix > seen:
+                skipped.append((rid, np.arange(seen, prefix, dtype=np.int64)))
+            self._set(rid, prefix + n)
+        return skipped
+
+    def _set(self, rid: str, n: int) -> None:
+        self.done[rid] = n
+        self.done.move_to_end(rid)
+        while len(self.done) > self.limit:
+            self.done.popitem(last=False)

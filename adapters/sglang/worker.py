@@ -1,0 +1,232 @@
+"""The scheduler-side adapter: forward hooks on SGLang's model modules, one dmi step per
+`ModelRunner.forward` (the step hook in srt_plugin.py calls begin/end here).
+
+It runs in the scheduler process, next to the model, under an ordinary dmi Session.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from dmi.adapter import Adapter
+from dmi.ring import StepPlan
+from dmi.ring.frames import RowTable
+
+from .hooks import HookMap, SBinding
+from .rows import Coverage, row_table
+from .tables import BUILTIN_TABLES
+
+
+def table_for(hf_config, tables=BUILTIN_TABLES):
+    """The table serving this model's architecture, or None."""
+    arch = (getattr(hf_config, "architectures", None) or ["?"])[0]
+    for t in tables:
+        if arch in t.architectures:
+            return t
+    return None
+
+
+class SGLangWorkerAdapter(Adapter):
+    engine_name = "sglang"
+
+    def __init__(self, runner, table, model_path: str = ""):
+        super().__init__(runner)
+        self.runner = runner
+        self.model = runner.model
+        self.hf_config = runner.model_config.hf_config
+        p = next(self.model.parameters(), None)
+        self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4)
+        self.model_path = model_path
+        self.session = None
+        self.coverage = Coverage()
+        self._handles: list = []
+        self._last = None  # this step's last row of each request, for the logits
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def describe(self) -> tuple[str, dict]:
+        return self.model_path or type(self.model).__name__, self.hf_config.to_dict()
+
+    def resolve(self, patterns):
+        return self.map.resolve(patterns)
+
+    def bind(self, patterns):
+        return self.map.bind(patterns)
+
+    # -- arming -----------------------------------------------------------------------
+    def arm(self, session, bindings: list[SBinding]) -> None:
+        try:
+            for i, b in enumerate(bindings):
+                mod = self.model.get_submodule(b.where.module)
+                fn = functools.partial(_capture, self, i, b)
+                if b.where.io == "input":
+                    h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
+                else:
+                    h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
+                self._handles.append(h)
+        except BaseException:
+            self.disarm()
+            raise
+        self.session = session  # last: the step hook only acts once every capture point is in place
+
+    def disarm(self) -> None:
+        self.session = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def flush(self) -> None:
+        if self.device.type == "cuda":  # captures are enqueued on the forward's stream
+            torch.cuda.synchronize(self.device)
+
+    def failed(self, what: str, e: Exception) -> None:
+        """Report a capture that raised, once per hook; the engine goes on without it."""
+        s = self.session
+        if s is not None:
+            s._warn_once("sglang:" + what, f"dmi: capturing {what} on SGLang failed, its rows are missing from "
+                                           f"this step on: {type(e).__name__}: {e}")
+
+    # -- step boundaries (called around ModelRunner.forward) ----------------------------
+    def begin(self, fb) -> bool:
+        """Open the step; False (reported) when its rows cannot be attributed."""
+        try:
+            self._begin(fb)
+            return True
+        except Exception as e:
+            self.failed("the step's rows", e)
+            return False
+
+    def _begin(self, fb) -> None:
+        s = self.session
+        for rid, pos in self.coverage.step(fb):
+            s.not_computed(rid, pos, "prefix_cache")
+        n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
+        rows, self._last = row_table(fb, n)
+        s.begin_step(rows)
+
+    def end(self) -> None:
+        self._last = None
+        if self.session is not None:
+            self.session.end_step()
+
+    def capture_last_rows(self, i: int, x: torch.Tensor) -> None:
+        """Capture a tensor with one row per request (the logits), each at its request's last
+        row of the step: a plan for just those rows, same step, same filters."""
+        s = self.session
+        plan = s.plan
+        if plan is None or self._last is None:
+            return
+        last = self._last
+        n = int(x.shape[0])
+        idx = last[:n]
+        rows = plan.rows
+        request = np.full(n, -1, dtype=np.int32)
+        position = np.zeros(n, dtype=np.int64)
+        phase = np.zeros(n, dtype=np.int8)
+        keep = np.zeros(n, dtype=bool)
+        m = len(idx)
+        request[:m] = rows.request[idx]
+        position[:m] = rows.position[idx]
+        phase[:m] = rows.phase[idx]
+        keep[:m] = plan.keep[idx]
+        reduced = None
+        if plan.reduced is not None:
+            reduced = np.zeros(n, dtype=bool)
+            reduced[:m] = plan.reduced[idx]
+        sub = _SubPlan(plan, RowTable(1, n, rows.request_ids, request, position, phase), keep, reduced)
+        s.plan = sub
+        try:
+            s.capture(i, x, flat=True)
+        finally:
+            s.plan = plan
+
+
+
+class _SubPlan(StepPlan):
+    """A plan over some rows of a step: same step number; on GPU its stream and done event are
+    the step's own, so the drain waits for the step before reading these rows too."""
+
+    def __init__(self, parent: StepPlan, rows: RowTable, keep, reduced):
+        self._parent = parent
+        super().__init__(parent.step, rows, keep, reduced)
+
+    @property
+    def stream(self):
+        return self._parent.stream
+
+    @stream.setter
+    def stream(self, value):
+        if value is not None:
+            self._parent.stream = value
+
+    @property
+    def done_event(self):
+        return self._parent.done_event
+
+    @done_event.setter
+    def done_event(self, value):
+        if value is not None:
+            self._parent.done_event = value
+
+
+def _pick(b: SBinding, args: tuple, kwargs: dict, output):
+    w = b.where
+    if w.io == "input":
+        if isinstance(w.index, int) and len(args) > w.index:
+            return args[w.index]
+        return kwargs.get("hidden_states")
+    if isinstance(w.index, str):
+        return getattr(output, w.index, None)
+    if w.index is None:
+        return output[0] if isinstance(output, (tuple, list)) else output
+    if isinstance(output, (tuple, list)):
+        return output[w.index] if len(output) > w.index else None
+    return output if w.index == 0 else None
+
+
+def _view(b: SBinding, x: torch.Tensor, d) -> torch.Tensor:
+    v = b.tap.view
+    if v is None or v == "last_rows":
+        return x
+    if v == "heads":
+        return x.unflatten(-1, (d.n_heads, d.head_dim))
+    if v == "kv_heads":
+        return x.unflatten(-1, (d.n_kv_heads, d.head_dim))
+    if v == "rows_heads":
+        return x.reshape(-1, d.n_heads, d.head_dim)
+    if v == "rows_kv_heads":
+        return x.reshape(-1, d.n_kv_heads, d.head_dim)
+    q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
+    if v == "q":
+        return x[:, :q].unflatten(-1, (d.n_heads, d.head_dim))
+    if v == "k":
+        return x[:, q:q + kv].unflatten(-1, (d.n_kv_heads, d.head_dim))
+    if v == "v":
+        return x[:, q + kv:q + 2 * kv].unflatten(-1, (d.n_kv_heads, d.head_dim))
+    raise ValueError(f"unknown SGLang tap view {v!r}")
+
+
+def _capture(adapter: SGLangWorkerAdapter, i: int, b: SBinding, args, kwargs, output) -> None:
+    s = adapter.session
+    if s is None or s.plan is None:
+        return
+    try:
+        _capture_one(adapter, s, i, b, args, kwargs, output)
+    except Exception as e:  # an exception here would take the scheduler, and the engine, down
+        adapter.failed(b.name, e)
+
+
+def _capture_one(adapter, s, i, b, args, kwargs, output) -> None:
+    x = _pick(b, args, kwargs, output)
+    if not isinstance(x, torch.Tensor):
+        return
+    x = _view(b, x.detach(), adapter.map.dims)
+    if b.tap.view == "last_rows":
+        adapter.capture_last_rows(i, x)
+    else:
+        s.capture(i, x, flat=True)
