@@ -35,17 +35,23 @@ _ids = itertools.count(1)
 _lock = threading.Lock()
 
 
-def register_bridge(obj) -> int:
-    """obj has op_step_begin(ref, is_ids, mask, cache_position), op_capture(hook, x, flat), op_step_end()."""
+def register_bridge(obj, bid: int | None = None) -> int:
+    """obj has op_step_begin(ref, is_ids, mask, cache_position), op_capture(hook, x, flat), op_step_end().
+
+    `bid`: a fixed id, for a graph compiled in one process and loaded from a compile cache in
+    another, where the id baked into the graph must not depend on registration order."""
     with _lock:
-        bid = next(_ids)
+        if bid is None:
+            bid = next(_ids)
         _BRIDGES[bid] = obj
     return bid
 
 
-def unregister_bridge(bid: int) -> None:
+def unregister_bridge(bid: int, obj=None) -> None:
+    """Remove bridge `bid` (only if it is still `obj`, when given)."""
     with _lock:
-        _BRIDGES.pop(bid, None)
+        if obj is None or _BRIDGES.get(bid) is obj:
+            _BRIDGES.pop(bid, None)
 
 
 def _step_begin(token, bridge, ref, is_ids, mask, cache_position) -> None:

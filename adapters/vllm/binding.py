@@ -1,0 +1,52 @@
+"""Spec hook patterns -> this model's capture points. Pure config arithmetic, so the caller's
+process (which has no model) validates exactly what the workers will bind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dmi.adapter import Binding
+from dmi.errors import SpecError
+from dmi.hooknames import canonical_names, resolve, split_layer
+
+from .tables import VllmTable, VTap, dense_layers, row_bytes
+
+
+@dataclass
+class VBinding(Binding):
+    tap: VTap | None = None
+    path: str = ""
+
+
+class Hooks:
+    def __init__(self, table: VllmTable, hf_config, dtype: torch.dtype):
+        self.table = table
+        self.dims = table.dims(hf_config)
+        self.dtype = dtype
+        dense = dense_layers(hf_config, self.dims.n_layers)
+        self.offered: dict[str, tuple[VTap, str]] = {}
+        for name in canonical_names(self.dims.n_layers):
+            layer, suffix = split_layer(name)
+            tap = table.taps.get(suffix)
+            if tap is None or (tap.dense_only and layer not in dense):
+                continue
+            path = tap.module.replace("{L}", str(layer)) if layer is not None else tap.module
+            self.offered[name] = (tap, path)
+
+    def resolve(self, patterns: list[str]) -> list[str]:
+        names = resolve(patterns, list(self.offered), self.dims.n_layers)
+        modules = [n for n in names if n.startswith("module:")]
+        if modules:
+            raise SpecError("hooks", f"{modules[0]!r}: module hooks are not supported on vLLM (its modules fuse "
+                                     f"what HF keeps apart); use canonical names such as "
+                                     f"{', '.join(list(self.offered)[:3])}, ...")
+        return names
+
+    def bind(self, patterns: list[str]) -> list[VBinding]:
+        out = []
+        for name in self.resolve(patterns):
+            tap, path = self.offered[name]
+            out.append(VBinding(name, f"{path}:{'input' if tap.pre else 'output'}",
+                                row_bytes(tap, self.dims, self.dtype), tap=tap, path=path))
+        return out

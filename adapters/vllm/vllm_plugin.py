@@ -1,0 +1,97 @@
+"""vLLM `general_plugins` entry point: runs in every vLLM process (front end, EngineCore,
+each worker) before any model exists, possibly more than once per process.
+
+- Adds dmi's RPC methods to vLLM's worker base class, so `LLM.collective_rpc("dmi_open", ...)`
+  reaches them by name: no pickled callables, no insecure serialization.
+- Wraps the worker's `load_model`: when the engine was built with
+  `additional_config={"dmi": spec}`, the worker opens its session right after the model
+  loads, before vLLM compiles it, so the capture points become part of the compiled graph.
+- Wraps the worker's `shutdown` so an armed session (a served engine) writes out its file.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+log = logging.getLogger("dmi")
+
+RPC = {
+    "dmi_open": "open_session",
+    "dmi_stats": "session_stats",
+    "dmi_flush": "session_flush",
+    "dmi_close": "close_session",
+}
+
+
+def register() -> None:
+    try:
+        from vllm.v1.worker.worker_base import WorkerBase
+    except ImportError:  # a vLLM without the v1 worker: dmi's adapter refuses it at attach
+        return
+    if getattr(WorkerBase, "_dmi_registered", False):
+        return
+    from . import worker as w
+
+    for method, fn in RPC.items():
+        setattr(WorkerBase, method, _rpc(getattr(w, fn)))
+    WorkerBase.dmi_armed = _rpc(_armed)
+    WorkerBase._dmi_registered = True
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except ImportError:
+        return
+    _patch(Worker, "load_model", _after_load)
+    _patch(Worker, "shutdown", _before_shutdown)
+
+
+def _rpc(fn):
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+    return method
+
+
+def _patch(cls, name: str, wrapper) -> None:
+    original = getattr(cls, name)
+    if getattr(original, "_dmi", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        return wrapper(original, self, *args, **kwargs)
+
+    patched._dmi = True
+    setattr(cls, name, patched)
+
+
+def armed_spec(vllm_config):
+    extra = getattr(vllm_config, "additional_config", None)
+    return extra.get("dmi") if isinstance(extra, dict) else None
+
+
+def _after_load(original, worker, *args, **kwargs):
+    result = original(worker, *args, **kwargs)
+    spec = armed_spec(worker.vllm_config)
+    if spec is not None:
+        from . import worker as w
+
+        w.open_session(worker, json.dumps(spec) if not isinstance(spec, str) else spec)
+        log.info("dmi: armed at construction; capturing into %s", spec.get("sink") if isinstance(spec, dict) else spec)
+    return result
+
+
+def _before_shutdown(original, worker, *args, **kwargs):
+    from . import worker as w
+
+    try:
+        w.close_session(worker)
+    except Exception as e:  # noqa: BLE001  (shutting down: report and let vLLM finish)
+        log.error("dmi: closing the armed session at shutdown failed: %s", e)
+    return original(worker, *args, **kwargs)
+
+
+def _armed(worker) -> bool:
+    from . import worker as w
+
+    return id(worker) in w._SESSIONS

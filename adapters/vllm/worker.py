@@ -1,0 +1,234 @@
+"""Worker side: capture next to the model, in the process that runs it.
+
+One WorkerAdapter per worker process installs forward hooks on the loaded model and wraps
+two of the model runner's methods (instance attributes, removed on disarm):
+- `execute_model(scheduler_output)`: one engine step; its `finally` ends the step, also
+  when the forward raised, and finished requests leave the row book;
+- `_model_forward(...)`: the forward itself, which starts the step with the row table
+  built from the runner's batch state (rows.py). After it returns, a second frame of the
+  same step starts for the logits processor, which sees one row per request.
+Under torch.compile the hooks call dmi's host ops (kernels/host_ops.py) instead of the
+session: ops are graph nodes that run every step, where Python in a hook would run only
+while tracing. Step boundaries need no op: both wrapped methods run outside the graph.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import numpy as np
+import torch
+from dmi.kernels import host_ops
+
+from dmi.adapter import Adapter
+from dmi.session import Session
+
+from .binding import Hooks, VBinding
+from .rows import RowBook
+from .tables import read, table_for
+
+log = logging.getLogger("dmi")
+
+# The bridge id is a constant inside the compiled graph; vLLM may load that graph from its
+# compile cache into a later process, so the id must not depend on registration order.
+# One worker (one model) per process: one id serves every session of the process in turn.
+BRIDGE_ID = 0x766C6C6D
+
+
+class WorkerSession(Session):
+    def end_frame(self) -> None:
+        """Seal what the step captured so far without advancing the step: the logits frame follows."""
+        if self.plan is not None:
+            self.plan = None
+            self.frames.seal()
+
+
+class WorkerAdapter(Adapter):
+    engine_name = "vllm"
+
+    def __init__(self, worker):
+        runner = worker.model_runner
+        super().__init__(runner)
+        self.worker = worker
+        self.runner = runner
+        cfg = runner.model_config
+        self.hf_config = cfg.hf_config
+        table = table_for(self.hf_config.model_type)
+        if table is None:
+            raise ValueError(f"dmi has no vLLM table for model_type {self.hf_config.model_type!r}")
+        self.hooks = Hooks(table, self.hf_config, cfg.dtype)
+        self.dims = self.hooks.dims
+        self.session = None
+        self.book = RowBook()
+        self._handles: list = []
+        self._wrapped: list[str] = []
+        self._token = torch.zeros(1)
+        self._bridge = 0
+        self._in_step = False
+        self._sched = None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.runner.device)
+
+    def describe(self) -> tuple[str, dict]:
+        return str(self.runner.model_config.model), self.hf_config.to_dict()
+
+    def resolve(self, patterns):
+        return self.hooks.resolve(patterns)
+
+    def bind(self, patterns):
+        return self.hooks.bind(patterns)
+
+    # -- arming ------------------------------------------------------------------------
+    def arm(self, session, bindings: list[VBinding]) -> None:
+        self.session = session
+        self._bridge = host_ops.register_bridge(self, BRIDGE_ID)
+        model = self.runner.model
+        for i, b in enumerate(bindings):
+            mod = model.get_submodule(b.path)
+            fn = functools.partial(self._hook, i, b)
+            if b.tap.pre:
+                h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
+            else:
+                h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
+            self._handles.append(h)
+        self._wrap("execute_model", self._execute_model)
+        self._wrap("_model_forward", self._model_forward)
+
+    def _wrap(self, name: str, fn) -> None:
+        original = getattr(self.runner, name)
+        setattr(self.runner, name, functools.partial(fn, original))
+        self._wrapped.append(name)
+
+    def disarm(self) -> None:
+        host_ops.unregister_bridge(BRIDGE_ID, self)
+        # A compiled graph looks its hooks up in the modules' hook dicts when it runs:
+        # removing them breaks it. They stay, inert: no bridge, no session.
+        if not self._compiled():
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+        for name in self._wrapped:
+            self.runner.__dict__.pop(name, None)
+        self._wrapped.clear()
+        self.session = None
+
+    def _compiled(self) -> bool:
+        from vllm.config import CompilationMode
+
+        return self.worker.vllm_config.compilation_config.mode != CompilationMode.NONE
+
+    # -- per step ------------------------------------------------------------------------
+    def _execute_model(self, original, scheduler_output, *args, **kwargs):
+        self._sched = scheduler_output
+        try:
+            return original(scheduler_output, *args, **kwargs)
+        finally:
+            if self._in_step:
+                self._in_step = False
+                self.session.end_step()
+            self._sched = None
+            self.book.forget(getattr(scheduler_output, "finished_req_ids", ()) or ())
+
+    def _model_forward(self, original, *args, **kwargs):
+        session = self.session
+        positions = kwargs.get("positions")
+        if session is None or self._sched is None or positions is None or positions.dim() != 1:
+            return original(*args, **kwargs)
+        self._begin(positions)
+        out = original(*args, **kwargs)
+        session.end_frame()
+        session.begin_step(self._logits_rows)
+        return out
+
+    def _begin(self, positions: torch.Tensor) -> None:
+        batch = self.runner.input_batch
+        req_ids = list(batch.req_ids)
+        n = len(req_ids)
+        counts = np.array([self._sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
+        rows = self.book.step(req_ids, counts, positions.detach().cpu().numpy(),
+                              batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n])
+        for rid, pos in rows.skipped:
+            self.session.not_computed(rid, pos, "prefix_cache")
+        self._logits_rows = rows.logits
+        self.session.begin_step(rows.tokens)
+        self._in_step = True
+
+    def _hook(self, i: int, b: VBinding, args, kwargs, out) -> None:
+        x = read(b.tap, self.dims, args, kwargs, out)
+        if x is None:
+            return
+        if torch.compiler.is_compiling():
+            host_ops.capture_host(self._token, self._bridge, i, x, True)
+        elif self.session is not None:
+            self.session.capture(i, x, flat=True)
+
+    # -- host side of the compiled path (dmi.kernels.host_ops) ----------------------------
+    def op_capture(self, hook: int, x: torch.Tensor, flat: bool) -> None:
+        if self.session is not None:
+            self.session.capture(hook, x, flat=flat)
+
+
+# -- the worker's RPC methods (added to vLLM's worker class by vllm_plugin) ---------------
+_SESSIONS: dict[int, WorkerSession] = {}   # id(worker) -> its session
+
+
+def _sink_spec(worker, sink):
+    """Each rank writes its own file; rank 0 keeps the user's name."""
+    rank = getattr(worker, "rank", 0) or 0
+    if rank == 0:
+        return sink
+    if isinstance(sink, str):
+        return f"{sink}.rank{rank}"
+    if isinstance(sink, dict) and "path" in sink:
+        return {**sink, "path": f"{sink['path']}.rank{rank}"}
+    return sink
+
+
+def open_session(worker, spec_json: str) -> str:
+    from dmi import plugins
+    from dmi.errors import SessionStateError
+    from dmi.spec import CaptureSpec
+
+    if id(worker) in _SESSIONS:
+        raise SessionStateError("this vLLM worker already has an open dmi session")
+    spec = CaptureSpec.parse(json.loads(spec_json))
+    adapter = WorkerAdapter(worker)
+    sink = plugins.sink_for(_sink_spec(worker, spec.sink))
+    session = WorkerSession(worker.model_runner, adapter, spec, sink)
+    _SESSIONS[id(worker)] = session
+    return json.dumps({"hooks": session.names, "rank": getattr(worker, "rank", 0) or 0})
+
+
+def _stats(session) -> str:
+    return json.dumps(session.stats(), default=_plain)
+
+
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def session_stats(worker) -> str:
+    s = _SESSIONS.get(id(worker))
+    return _stats(s) if s is not None else "null"
+
+
+def session_flush(worker, timeout=None) -> bool:
+    s = _SESSIONS.get(id(worker))
+    if s is not None:
+        s.flush(timeout)
+    return s is not None
+
+
+def close_session(worker) -> str:
+    s = _SESSIONS.pop(id(worker), None)
+    if s is None:
+        return "null"
+    s.close()
+    return _stats(s)
