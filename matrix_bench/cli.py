@@ -12,10 +12,12 @@ PRESETS = {
     "cpu-smoke": dict(engines="hf", model="tiny", batch_sizes="1,4", decode_lens="4", prompt_len=8, repeats=1,
                       modes="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu"),
     "cpu": dict(engines="hf,vllm,sglang", model="small", batch_sizes="1,8,32", decode_lens="16,64", prompt_len=32,
-                repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight"),
+                repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight,"
+                                 "sglang-hidden-states"),
     "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64,256",
                       decode_lens="16,128", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
-                      modes="off,dmi,dmi-null,hf-hidden-states,off-graphs,dmi-graphs,forward-hook-cpu,nnsight"),
+                      modes="off,dmi,dmi-null,hf-hidden-states,off-graphs,dmi-graphs,forward-hook-cpu,nnsight,"
+                            "sglang-hidden-states"),
 }
 DEFAULT_HOOKS = "blocks.*.hook_resid_post,hook_logits"
 
@@ -86,27 +88,34 @@ def run_matrix(args) -> list[dict]:
     modes = [m for m in str(args.modes).split(",") if m]
     from .modes_hf import unavailable
 
-    bad = [m for m in modes if m not in MODES]
+    from .modes_engines import ENGINE_MODES, run_engine
+
+    known = set(MODES).union(*ENGINE_MODES.values())
+    bad = [m for m in modes if m not in known]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {', '.join(sorted(known))}")
+    bad = [e for e in engines if e != "hf" and e not in ENGINE_MODES]
+    if bad:
+        raise SystemExit(f"unknown engine(s) {bad}; choose from hf, {', '.join(ENGINE_MODES)}")
     hooks = _hooks(args.hooks)
     rows: list[dict] = []
     for engine in engines:
         if engine != "hf":
-            for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
-                rows += [_row(engine, m, b, d, args.prompt_len, -1,
-                              status=f"skipped: no {engine} adapter in this dmi version") for m in modes]
-            print(f"matrix_bench: {engine}: skipped (no adapter in this dmi version)", file=sys.stderr)
+            rows += run_engine(engine, args, modes, hooks, _row, _ints, lambda msg: print(msg, file=sys.stderr))
             continue
+        hf_modes = [m for m in modes if m in MODES]
+        for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
+            rows += [_row(engine, m, b, d, args.prompt_len, -1, status="not applicable to hf")
+                     for m in modes if m not in MODES]
         from .models import load_model
 
         device = torch.device(args.device)
         model = load_model(args.model, args.device, getattr(torch, args.dtype))
         vocab = model.config.vocab_size
-        skip = {m: unavailable(m) for m in modes if unavailable(m)}
+        skip = {m: unavailable(m) for m in hf_modes if unavailable(m)}
         for m, why in skip.items():
             print(f"matrix_bench: mode {m}: {why}", file=sys.stderr)
-        runnable = [m for m in modes if m not in skip]
+        runnable = [m for m in hf_modes if m not in skip]
         with tempfile.TemporaryDirectory() as work:
             for b, d in itertools.product(_ints(args.batch_sizes), _ints(args.decode_lens)):
                 rows += [_row(engine, m, b, d, args.prompt_len, -1, status=why) for m, why in skip.items()]
