@@ -18,7 +18,7 @@ from pathlib import Path
 
 ENGINE_MODES = {"vllm": ("off", "dmi", "dmi-drop", "dmi-null"),
                 "sglang": ("off", "dmi", "dmi-drop", "dmi-null", "sglang-hidden-states")}
-SETUP = {"vllm": "bash scripts/setup-vllm.sh .venv-vllm", "sglang": "bash scripts/setup-sglang.sh .venv-sglang"}
+SETUP = {"vllm": "scripts/setup-vllm.sh", "sglang": "scripts/setup-sglang.sh"}
 
 
 def unavailable(engine: str) -> str | None:
@@ -27,7 +27,7 @@ def unavailable(engine: str) -> str | None:
     except ImportError:
         mod = None
     if mod is None or getattr(mod, "__file__", None) is None:  # a namespace folder is not the engine
-        return f"skipped: {engine} is not installed in this environment (set one up: {SETUP[engine]})"
+        return f"skipped: {engine} not installed here; see {SETUP[engine]}"  # fits the results' status column
     return None
 
 
