@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import dmi
 from reference import reference
@@ -62,3 +63,21 @@ def test_sigkill_mid_capture_keeps_every_acknowledged_frame(trial, tiny_dirs, lo
         ref = reference(model, seq)
         for hook in hooks:
             assert (run.get(hook, str(r)) - ref[hook]).abs().max() < 1e-4
+
+
+def test_an_idle_engine_leaves_nothing_uncommitted(load, out):
+    """A server between requests: rows written before it went idle become readable by another
+    process within the commit interval, without a flush and without more traffic."""
+    import time
+
+    model = load("qwen3")
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=out)):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        deadline = time.monotonic() + 10
+        while True:
+            with dmi.open(out) as live:
+                have, complete = live.requests, live.complete
+            if have == ["0"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert have == ["0"] and not complete

@@ -4,6 +4,9 @@ import threading
 from collections import deque
 
 
+EMPTY = object()
+
+
 class ByteBoundedQueue:
     """FIFO bounded by the bytes it holds: host staging between drain and sink.
 
@@ -26,10 +29,11 @@ class ByteBoundedQueue:
             self.bytes += nbytes
             self._cv.notify_all()
 
-    def get(self):
+    def get(self, timeout: float | None = None):
+        """The oldest item; `EMPTY` if `timeout` seconds pass with none."""
         with self._cv:
-            while not self._items:
-                self._cv.wait()
+            if not self._cv.wait_for(lambda: self._items, timeout):
+                return EMPTY
             item, nbytes = self._items.popleft()
             self.bytes -= nbytes
             self._cv.notify_all()

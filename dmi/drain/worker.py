@@ -11,7 +11,7 @@ from dmi.ring.frames import FrameRing, Marker, Slot
 from dmi.sinks.base import GapBlock, RowBlock, Sink
 
 from .copy import copier_for
-from .hostqueue import ByteBoundedQueue
+from .hostqueue import EMPTY, ByteBoundedQueue
 
 log = logging.getLogger("dmi")
 
@@ -153,8 +153,18 @@ class Drain:
 
     # -- sink thread ------------------------------------------------------------------
     def _sink_loop(self) -> None:
+        # An engine that goes idle (a server between requests) must not leave rows written but
+        # uncommitted: after this long with nothing new, the sink commits what it has.
+        idle_s = max(float(getattr(self.sink, "flush_every_s", 2.0) or 2.0), 0.05)
+        dirty = False
         while True:
-            item = self.host.get()
+            item = self.host.get(timeout=idle_s)
+            if item is EMPTY:
+                if dirty and self.sink_failed is None:
+                    self._guard(self.sink.flush)
+                dirty = False
+                continue
+            dirty = not isinstance(item, Marker)
             if isinstance(item, Marker):
                 if item.kind in ("flush", "stop") and self.sink_failed is None:
                     self._guard(self.sink.flush)
