@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import assert_books_balance  # noqa: F401  (re-exported for the SGLang tests)
 from reference import reference
 
 TOL = 1e-4
@@ -36,9 +37,3 @@ def assert_request_matches(run, model, rid: str, seq: list[int], hooks, logits_f
         else:
             err = (got.float() - exp.float()).abs().max().item()
             assert err < tol, f"{hook} {rid}: max abs error {err}"
-
-
-def assert_books_balance(stats: dict) -> None:
-    for hook, c in stats["hooks"].items():
-        assert c["in_flight"] == 0, (hook, c)
-        assert c["produced"] == c["filtered"] + c["written"] + c["dropped"], (hook, c)
