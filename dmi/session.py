@@ -134,15 +134,19 @@ class Session:
             self.step += 1
             self.acct.steps = self.step
 
-    def capture(self, i: int, x: torch.Tensor, flat: bool = False) -> None:
+    def capture(self, i: int, x: torch.Tensor, flat: bool = False, rows: np.ndarray | None = None) -> None:
         """Capture hook i's tensor: [batch, t, ...] holding the step's last t tokens of each
-        batch row, or [batch*t, ...] when flat."""
+        batch row, or [batch*t, ...] when flat; or, with `rows`, [n, ...] whose row k is the
+        step's RowTable row rows[k] (-1 for padding), e.g. one logits row per request."""
         plan = self.plan
         if plan is None or self.closed:
             return
         name = self.names[i]
         B, T = plan.rows.batch, plan.rows.tokens
-        if flat:
+        if rows is not None:
+            t, rows_x = T, x
+            ok = x.dim() >= 1 and x.shape[0] == len(rows)
+        elif flat:
             t = x.shape[0] // B if B else 0
             rows_x = x
             ok = x.shape[0] == B * t
@@ -156,7 +160,8 @@ class Session:
             sel = plan.select(T)
             self._gap(name, sel.token_idx, plan, "shape", produced=sel.produced, filtered=sel.filtered)
             return
-        sel = plan.select(t, in_fallback=i in self.fallback_hooks)
+        fallback = i in self.fallback_hooks
+        sel = plan.select(t, fallback) if rows is None else plan.select_rows(rows, fallback)
         if self.drain.sink_failed is not None:
             # Nothing can be written any more: stop copying, keep counting (reported once).
             self.acct.dropped(name, len(sel.token_idx) + len(sel.lost_idx), "sink_error", produced=sel.produced,

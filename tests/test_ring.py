@@ -105,3 +105,23 @@ def test_drain_coalesces_adjacent_slots_into_one_copy_per_range():
     # ring skipped its end and wrapped, or a slot in between was released already)
     assert coalesce([s(0, 10), s(64, 100), s(512, 64), s(576, 1)]) == [(0, 192), (512, 640)]
     assert coalesce([]) == []
+
+
+def test_select_rows_equals_select_for_the_same_rows():
+    """A tensor addressed row by row (one logits row per request) is planned exactly as the same
+    rows addressed as "the last token of each batch row"."""
+    import numpy as np
+
+    from dmi.ring.frames import DECODE, RowTable, StepPlan
+
+    B, T = 3, 4
+    request = np.array([0, 0, 0, 0, -1, -1, 1, 1, 2, 2, 2, 2], dtype=np.int32)
+    rows = RowTable(B, T, ["a", "b", "c"], request, np.arange(B * T, dtype=np.int64), np.full(B * T, DECODE, np.int8))
+    keep = (request >= 0) & (np.arange(B * T) != 11)  # the filters leave out request c's last row
+    reduced = keep & (request == 0)
+    for red in (None, reduced):
+        plan = StepPlan(0, rows, keep, reduced=red)
+        for fb in (True, False):
+            a, b = plan.select(1, fb), plan.select_rows(np.array([3, 7, 11, -1]), fb)
+            assert torch.equal(a.src_rows, b.src_rows) and np.array_equal(a.token_idx, b.token_idx)
+            assert (a.produced, a.filtered) == (b.produced, b.filtered) and np.array_equal(a.lost_idx, b.lost_idx)

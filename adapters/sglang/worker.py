@@ -11,8 +11,6 @@ import numpy as np
 import torch
 
 from dmi.adapter import Adapter
-from dmi.ring import StepPlan
-from dmi.ring.frames import RowTable
 
 from .hooks import HookMap, SBinding
 from .rows import Coverage, row_table
@@ -116,62 +114,15 @@ class SGLangWorkerAdapter(Adapter):
 
     def capture_last_rows(self, i: int, x: torch.Tensor) -> None:
         """Capture a tensor with one row per request (the logits), each at its request's last
-        row of the step: a plan for just those rows, same step, same filters."""
+        row of the step (padding rows past the requests: -1), under the same step and filters."""
         s = self.session
-        plan = s.plan
-        if plan is None or self._last is None:
+        if s.plan is None or self._last is None:
             return
-        last = self._last
         n = int(x.shape[0])
-        idx = last[:n]
-        rows = plan.rows
-        request = np.full(n, -1, dtype=np.int32)
-        position = np.zeros(n, dtype=np.int64)
-        phase = np.zeros(n, dtype=np.int8)
-        keep = np.zeros(n, dtype=bool)
-        m = len(idx)
-        request[:m] = rows.request[idx]
-        position[:m] = rows.position[idx]
-        phase[:m] = rows.phase[idx]
-        keep[:m] = plan.keep[idx]
-        reduced = None
-        if plan.reduced is not None:
-            reduced = np.zeros(n, dtype=bool)
-            reduced[:m] = plan.reduced[idx]
-        sub = _SubPlan(plan, RowTable(1, n, rows.request_ids, request, position, phase), keep, reduced)
-        s.plan = sub
-        try:
-            s.capture(i, x, flat=True)
-        finally:
-            s.plan = plan
-
-
-
-class _SubPlan(StepPlan):
-    """A plan over some rows of a step: same step number; on GPU its stream and done event are
-    the step's own, so the drain waits for the step before reading these rows too."""
-
-    def __init__(self, parent: StepPlan, rows: RowTable, keep, reduced):
-        self._parent = parent
-        super().__init__(parent.step, rows, keep, reduced)
-
-    @property
-    def stream(self):
-        return self._parent.stream
-
-    @stream.setter
-    def stream(self, value):
-        if value is not None:
-            self._parent.stream = value
-
-    @property
-    def done_event(self):
-        return self._parent.done_event
-
-    @done_event.setter
-    def done_event(self, value):
-        if value is not None:
-            self._parent.done_event = value
+        rows = np.full(n, -1, dtype=np.int64)
+        idx = self._last[:n]
+        rows[: len(idx)] = idx
+        s.capture(i, x, rows=rows)
 
 
 def _pick(b: SBinding, args: tuple, kwargs: dict, output):

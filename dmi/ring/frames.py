@@ -75,6 +75,19 @@ class StepPlan:
             self._by_t[key] = sel
         return sel
 
+    def select_rows(self, token_idx: np.ndarray, in_fallback: bool = True) -> RowSelection:
+        """Rows kept for a tensor whose row k is the step's RowTable row token_idx[k] (-1: a
+        padding row), e.g. one logits row per request at its last token."""
+        tok = np.asarray(token_idx, dtype=np.int64)
+        valid = tok >= 0
+        t = np.where(valid, tok, 0)
+        real = valid & (self.rows.request[t] >= 0)
+        keep = real & self.keep[t]
+        kept = keep if self.reduced is None else (keep & self.reduced[t] if in_fallback else np.zeros_like(keep))
+        src = np.nonzero(kept)[0]
+        return RowSelection(torch.from_numpy(src.astype(np.int64)), t[src], int(real.sum()),
+                            int(real.sum() - keep.sum()), t[keep & ~kept])
+
 
 @dataclass
 class Slot:
