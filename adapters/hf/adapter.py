@@ -27,9 +27,6 @@ from . import reading
 from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
 from .tables.base import ArchTable, Tap
 
-_DTYPE_SIZE = {"int64": 8}
-
-
 @dataclass
 class HFBinding(Binding):
     tap: Tap | None = None
@@ -123,8 +120,8 @@ class HFAdapter(Adapter):
                     raise SpecError("hooks", f"{name} needs the attention probabilities, which only eager attention "
                                              f"computes; this model uses {impl!r}. Load it with "
                                              f"attn_implementation='eager' or drop the hook")
-            shape, dtype = self._row_layout(tap)
-            bindings.append(HFBinding(name, f"{path}:{tap.io}", self._row_bytes(tap), ragged=tap.view == "pattern",
+            row_bytes, shape, dtype = self._row_layout(tap)
+            bindings.append(HFBinding(name, f"{path}:{tap.io}", row_bytes, ragged=tap.view == "pattern",
                                       row_shape=shape, dtype=dtype, tap=tap, path=path))
         return bindings
 
@@ -141,21 +138,19 @@ class HFAdapter(Adapter):
         io = parts[2] if len(parts) == 3 else "output"
         return Tap(path, io=io, index=0 if io == "input" else None, shape=lambda d: (0,)), path
 
-    def _row_layout(self, tap: Tap) -> tuple[tuple[int, ...] | None, torch.dtype | None]:
+    def _row_layout(self, tap: Tap) -> tuple[int, tuple[int, ...] | None, torch.dtype | None]:
+        """(bytes of one row as estimated at attach, exact row shape, dtype); shape and dtype are
+        None where the layout is only known at run time (module:, HookPoint) or ragged (pattern)."""
         shape = tuple(tap.shape(self.dims))
-        if 0 in shape or tap.view == "pattern":  # unknown until run (module:, HookPoint) or ragged
-            return None, None
         if tap.dtype:
-            return shape, getattr(torch, tap.dtype)
-        p = next(self.model.parameters(), None)
-        return shape, p.dtype if p is not None else torch.float32
-
-    def _row_bytes(self, tap: Tap) -> int:
-        dtype_size = _DTYPE_SIZE.get(tap.dtype or "", None)
-        if dtype_size is None:
+            dtype = getattr(torch, tap.dtype)
+        else:
             p = next(self.model.parameters(), None)
-            dtype_size = p.element_size() if p is not None else 4
-        return math.prod(tap.shape(self.dims)) * dtype_size
+            dtype = p.dtype if p is not None else torch.float32
+        row_bytes = math.prod(shape) * dtype.itemsize
+        if 0 in shape or tap.view == "pattern":
+            return row_bytes, None, None
+        return row_bytes, shape, dtype
 
     # -- arming -----------------------------------------------------------------------
     def arm(self, session, bindings: list[HFBinding]) -> None:
