@@ -93,7 +93,7 @@ def capture_rows(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, ct
     xw = _as_words(rows, wdtype)
     rw = ring[: ring.numel() // size * size].view(wdtype)
     row_words = row_bytes // size
-    grid = (grid_rows, triton_cdiv(row_words, BLOCK))
+    grid = (grid_rows, triton.cdiv(row_words, BLOCK))
     kernel()[grid](rw, xw, src_rows, ctrl, slot, offset, count, row_words, stride_bytes // size, rows.shape[0],
                    FROM_CTRL=from_ctrl, WORD=size, CTRL_W=CTRL_WIDTH, C_EN=CTRL_ENABLED, C_OFF=CTRL_OFFSET,
                    C_CNT=CTRL_COUNT, BLOCK=BLOCK)
@@ -104,6 +104,3 @@ def _as_words(rows: torch.Tensor, wdtype: torch.dtype) -> torch.Tensor:
     b = rows.view(torch.uint8) if rows.dtype != torch.uint8 else rows
     return b.view(wdtype) if wdtype != torch.uint8 else b
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b

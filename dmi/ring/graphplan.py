@@ -110,11 +110,11 @@ class GraphPlan:
                 for g, sel in groups.items():
                     self.rows[g, : len(sel.src_rows)] = sel.src_rows
             return
-        up.put_into(self.ctrl.view(-1), self._ctrl_host.reshape(-1))
+        up.put(self._ctrl_host.reshape(-1), into=self.ctrl.view(-1))
         if not overflow:
             for g, sel in groups.items():
                 if len(sel.src_rows):
-                    up.put_into(self.rows[g, : len(sel.src_rows)], sel.src_rows.numpy())
+                    up.put(sel.src_rows.numpy(), into=self.rows[g, : len(sel.src_rows)])
 
     # -- every step, on the host, after the graph ----------------------------------------
     def commit(self) -> None:

@@ -23,31 +23,23 @@ class PinnedUpload:
         self._head = 0
         self._inflight: deque[tuple[int, int, torch.cuda.Event]] = deque()
 
-    def put_into(self, dst: torch.Tensor, values: np.ndarray) -> None:
-        """Write `values` into the fixed device tensor `dst` (same length), stream-ordered."""
-        self._send(values, dst)
-
-    def put(self, values: np.ndarray) -> torch.Tensor:
-        """A device int64 tensor holding `values`, valid for kernels enqueued after this call
-        on the current stream."""
+    def put(self, values: np.ndarray, into: torch.Tensor | None = None) -> torch.Tensor:
+        """`values` on the device, valid for kernels enqueued after this call on the current
+        stream: in a slice of the staging buffer, or in `into` (a fixed device tensor of the
+        same length, e.g. a CUDA graph's plan)."""
         n = len(values)
         if n > self.entries:  # larger than the whole staging ring: a one-off pinned tensor
-            return torch.from_numpy(np.ascontiguousarray(values, np.int64)).pin_memory().to(self.device,
-                                                                                          non_blocking=True)
-        return self._send(values, None)
-
-    def _send(self, values: np.ndarray, dst: torch.Tensor | None) -> torch.Tensor:
-        n = len(values)
-        if n > self.entries:
-            dst.copy_(torch.from_numpy(np.ascontiguousarray(values, np.int64)).pin_memory(), non_blocking=True)
-            return dst
+            host = torch.from_numpy(np.ascontiguousarray(values, np.int64)).pin_memory()
+            if into is None:
+                return host.to(self.device, non_blocking=True)
+            return into.copy_(host, non_blocking=True)
         if self._head + n > self.entries:
             self._head = 0
         a, b = self._head, self._head + n
         while self._inflight and self._inflight[0][0] < b and a < self._inflight[0][1]:
             self._inflight.popleft()[2].synchronize()
         self.host_np[a:b] = values
-        out = self.dev[a:b] if dst is None else dst
+        out = self.dev[a:b] if into is None else into
         out.copy_(self.host[a:b], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
