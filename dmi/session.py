@@ -186,8 +186,7 @@ class Session:
         self._ctrl_np[i] = (1, off, n)
         src = sel.src_rows
         if self._on_gpu:
-            if plan.stream is None:
-                plan.stream = torch.cuda.current_stream(self.ring.buffer.device)
+            self._track_stream(plan)
             if sel.src_dev is None:
                 sel.src_dev = self._upload.put(sel.src_rows.numpy())
             src = sel.src_dev
@@ -195,6 +194,11 @@ class Session:
         self.acct.captured(name, sel.produced, sel.filtered, n, nbytes)
         self.frames.put(Slot(plan, i, off, nbytes, tuple(rows_x.shape[1:]), rows_x.dtype, sel.token_idx,
                              pattern_batch=sel.token_idx // T if info.ragged else None))
+
+    def _track_stream(self, plan: StepPlan) -> None:
+        """GPU: the stream this step's captures are enqueued on; end_step records its event there."""
+        if plan.stream is None:
+            plan.stream = torch.cuda.current_stream(self.ring.buffer.device)
 
     def not_computed(self, request_id: str, positions, reason: str = "prefix_cache") -> None:
         """Record that the engine did not compute these positions of a request (served from a

@@ -41,11 +41,10 @@ def group(rows: int, batch: int, tokens: int) -> int | None:
 @dataclass
 class _Planned:
     hook: int
-    offset: int | None   # None: no ring space (dropped) or not planned
+    offset: int | None   # None: not written this step, for `reason`
     nbytes: int
-    row_bytes: int
-    group: int
     sel: object
+    reason: str | None = None  # why not planned: graph_shape, plan_overflow, sink_error; None: ring full
 
 
 class GraphPlan:
@@ -81,25 +80,30 @@ class GraphPlan:
         s = self.session
         plan = s.plan
         T = plan.rows.tokens
-        if s._on_gpu and plan.stream is None:
-            plan.stream = torch.cuda.current_stream(s.ring.buffer.device)
+        if s._on_gpu:
+            s._track_stream(plan)
         self._planned.clear()
         ctrl = self._ctrl_host
         ctrl[:] = 0
         groups = {ALL: plan.select(T), LAST: plan.select(1)}
         overflow = any(len(g.src_rows) > self.max_rows for g in groups.values())
         for i, b in enumerate(s.bindings):
-            group = LAST if i in last_only else ALL
             row_bytes = b.row_bytes if b.row_shape is not None else 0
-            sel = plan.select(T if group == ALL else 1, in_fallback=i in s.fallback_hooks)
+            sel = plan.select(1 if i in last_only else T, in_fallback=i in s.fallback_hooks)
             n = len(sel.token_idx)
-            off = None
-            if n and row_bytes and not overflow and s.drain.sink_failed is None:
+            off, reason = None, None
+            if not row_bytes:
+                reason = "graph_shape"
+            elif overflow:
+                reason = "plan_overflow"
+            elif s.drain.sink_failed is not None:
+                reason = "sink_error"
+            elif n:
                 off = s.ring.alloc(n * row_bytes, wait=s.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
                                    alive=s.drain.alive, before_wait=s.frames.seal)
                 if off is not None:
                     ctrl[i] = (1, off, n)
-            self._planned.append(_Planned(i, off, n * row_bytes, row_bytes, group, sel))
+            self._planned.append(_Planned(i, off, n * row_bytes, sel, reason))
         self._upload(groups, overflow)
 
     def _upload(self, groups: dict, overflow: bool) -> None:
@@ -133,13 +137,11 @@ class GraphPlan:
                 s.acct.captured(name, sel.produced, sel.filtered, 0, 0)
                 continue
             if p.offset is None:
-                overflow = len(sel.src_rows) > self.max_rows
-                if not p.row_bytes or overflow:
-                    reason = "plan_overflow" if overflow else "graph_shape"
-                    s._gap(name, sel.token_idx, plan, reason, produced=sel.produced, filtered=sel.filtered)
-                elif s.drain.sink_failed is not None:
+                if p.reason == "sink_error":
                     s.acct.dropped(name, len(sel.token_idx), "sink_error", produced=sel.produced,
                                    filtered=sel.filtered)
+                elif p.reason is not None:
+                    s._gap(name, sel.token_idx, plan, p.reason, produced=sel.produced, filtered=sel.filtered)
                 else:
                     s._drop(name, sel, plan, p.nbytes)
                 continue
