@@ -187,6 +187,8 @@ def environment(args) -> dict:
 
 def pinned_copy_mb_s(device: str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Device -> pinned host copy bandwidth (best of `repeats`), 0 off a GPU."""
+    import torch
+
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return 0.0
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -16,6 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import dmi
+
+from .modes_hf import PeakRSS, capture_spec, close_facts
+
 ENGINE_MODES = {"vllm": ("off", "dmi", "dmi-drop", "dmi-null"),
                 "sglang": ("off", "dmi", "dmi-drop", "dmi-null", "sglang-hidden-states")}
 SETUP = {"vllm": "scripts/setup-vllm.sh", "sglang": "scripts/setup-sglang.sh"}
@@ -93,8 +97,6 @@ def run_engine(engine: str, args, modes: list[str], hooks: list[str], row, ints,
 
     import torch
 
-    import dmi
-
     rows: list[dict] = []
     batches, decodes = ints(args.batch_sizes), ints(args.decode_lens)
     why = unavailable(engine)
@@ -121,32 +123,23 @@ def run_engine(engine: str, args, modes: list[str], hooks: list[str], row, ints,
                 for r in range(args.repeats):
                     k = r % len(runnable)
                     for m in runnable[k:] + runnable[:k]:
-                        rows.append(_once(dmi, runner, engine, m, prompts, b, d, r, args, hooks, work, row))
+                        rows.append(_once(runner, engine, m, prompts, b, d, r, args, hooks, work, row))
                     log(f"matrix_bench: {engine} batch {b} decode {d} repeat {r + 1}/{args.repeats} done")
         finally:
             runner.close()
     return rows
 
 
-def _once(dmi, runner, engine, mode, prompts, b, d, r, args, hooks, work, row) -> dict:
+def _once(runner, engine, mode, prompts, b, d, r, args, hooks, work, row) -> dict:
     session = None
     if mode.startswith("dmi"):
-        spec = dmi.CaptureSpec(hooks=hooks, ring={"bytes": args.ring_bytes},
-                               sink=os.path.join(work, f"{engine}-{mode}-{b}-{d}-{r}.h5"),
-                               overload="drop" if mode == "dmi-drop" else "block",
-                               requests={"ids": ["none"]} if mode == "dmi-null" else {})
-        session = dmi.attach(runner.engine, spec)
-    from .modes_hf import PeakRSS
-
+        sink = os.path.join(work, f"{engine}-{mode}-{b}-{d}-{r}.h5")
+        session = dmi.attach(runner.engine, capture_spec(mode, hooks, args.ring_bytes, sink))
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         runner.generate(prompts, d, mode)
         seconds = time.perf_counter() - t0
     facts = {"peak_mem": rss.peak}
     if session is not None:
-        t1 = time.perf_counter()
-        session.close()
-        stats = session.stats()
-        facts.update(close_s=time.perf_counter() - t1, bytes_captured=stats["bytes_captured"],
-                     rows_dropped=stats["rows"]["dropped"])
+        facts.update(close_facts(session))
     return row(engine, mode, b, d, args.prompt_len, r, seconds=seconds, **facts)

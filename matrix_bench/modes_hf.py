@@ -178,11 +178,7 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)
-        spec = dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=_sink(path, sink_delay_s),
-                               overload="drop" if mode == "dmi-drop" else "block",
-                               # dmi-null: capture points armed and called, every row filtered out
-                               requests={"ids": ["none"]} if mode == "dmi-null" else {})
-        session = dmi.attach(model, spec)
+        session = dmi.attach(model, capture_spec(mode, hooks, ring_bytes, _sink(path, sink_delay_s)))
         ctx = contextlib.nullcontext()
     elif mode == "hf-hidden-states":
         ctx = _hidden_states_cpu(model)
@@ -209,11 +205,23 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
             seconds = time.perf_counter() - t0
         facts["peak_rss"] = rss.peak
     if session is not None:
-        t1 = time.perf_counter()
-        stats = session.stats()
-        session.close()
-        facts["close_s"] = time.perf_counter() - t1
-        facts["bytes_captured"] = stats["bytes_captured"]
-        facts["rows_dropped"] = stats["rows"]["dropped"]
+        facts.update(close_facts(session))
         os.unlink(path)
     return {"seconds": seconds, **facts}
+
+
+def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.CaptureSpec:
+    """The spec of a dmi mode, for every engine."""
+    return dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=sink,
+                           overload="drop" if mode == "dmi-drop" else "block",
+                           # dmi-null: capture points armed and called, every row filtered out
+                           requests={"ids": ["none"]} if mode == "dmi-null" else {})
+
+
+def close_facts(session) -> dict:
+    """Close a dmi mode's session (writing out what it captured) and report what it captured."""
+    t1 = time.perf_counter()
+    session.close()
+    close_s = time.perf_counter() - t1
+    stats = session.stats()  # the final books, also for sessions in an engine's workers
+    return {"close_s": close_s, "bytes_captured": stats["bytes_captured"], "rows_dropped": stats["rows"]["dropped"]}
