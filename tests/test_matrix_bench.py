@@ -46,3 +46,13 @@ def test_report_from_an_earlier_file_and_dmi_bench(tmp_path, capsys):
     assert main(["--from", str(out), "--report", str(tmp_path / "again.md")]) == 0
     assert "| hf | 2 | 2 |" in capsys.readouterr().out
     assert (tmp_path / "again-overhead.png").exists()
+
+
+def test_pinned_copy_bandwidth_is_zero_without_a_gpu_and_positive_with_one():
+    import torch
+
+    from matrix_bench.cli import pinned_copy_mb_s
+
+    assert pinned_copy_mb_s("cpu") == 0.0
+    got = pinned_copy_mb_s("cuda", nbytes=1 << 20, repeats=2)
+    assert got > 0 if torch.cuda.is_available() else got == 0.0
