@@ -51,7 +51,39 @@ def assert_matches(run, model, rid: str, seq: list[int], hooks: list[str], logit
             assert err < tol, f"{hook} request {rid}: max abs error {err}"
 
 
+def assert_same_capture(got, want, tol: float | None = None) -> None:
+    """Two capture files hold the same requests, hooks and positions, and values equal (bit for
+    bit when tol is None, else max abs error below tol)."""
+    assert got.requests == want.requests and got.hooks == want.hooks
+    for hook in want.hooks:
+        for r in want.requests:
+            assert torch.equal(got.positions(hook, r), want.positions(hook, r)), (hook, r)
+            if tol is None:
+                assert torch.equal(got.get(hook, r), want.get(hook, r)), (hook, r)
+            else:
+                assert (got.get(hook, r) - want.get(hook, r)).abs().max() < tol, (hook, r)
+
+
 def assert_books_balance(stats: dict) -> None:
     for hook, c in stats["hooks"].items():
         assert c["in_flight"] == 0, (hook, c)
         assert c["produced"] == c["filtered"] + c["written"] + c["dropped"], (hook, c)
+
+
+def check_engine_bench(engine: str, tmp_path, own_modes: tuple[str, ...] = ()) -> None:
+    """matrix_bench runs `engine`'s cells for real: off, dmi, dmi-null (and the engine's own
+    modes) measured, an HF-only mode reported as not applicable."""
+    from matrix_bench.cli import main
+    from matrix_bench.results import read
+
+    modes = ("off", "dmi", "dmi-null", *own_modes)
+    out = tmp_path / "bench.h5"
+    assert main(["--engines", engine, "--model", "tiny", "--batch-sizes", "2", "--decode-lens", "3",
+                 "--prompt-len", "6", "--repeats", "1", "--modes", ",".join((*modes, "hf-attentions")),
+                 "--out", str(out)]) == 0
+    rows = read(str(out))
+    ok = {r["mode"]: r for r in rows if r["status"] == "ok"}
+    assert set(ok) == set(modes)
+    assert ok["dmi"]["bytes_captured"] > 0 and ok["dmi-null"]["bytes_captured"] == 0
+    assert all(r["tokens_per_s"] > 0 for r in ok.values())
+    assert [r["status"] for r in rows if r["mode"] == "hf-attentions"] == [f"not applicable to {engine}"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dmi
+from helpers import assert_same_capture
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_q", "hook_logits"]
 
@@ -32,10 +33,7 @@ def test_compiled_fullgraph_equals_eager(compile_first, load, tmp_path):
     comp = _run(model, compiled_fn, str(tmp_path / "comp.h5"))
     assert comp.requests == eager.requests == [str(i) for i in range(6)]
     assert comp.hooks == eager.hooks
-    for hook in eager.hooks:
-        for r in eager.requests:
-            assert torch.equal(comp.positions(hook, r), eager.positions(hook, r)), (hook, r)
-            assert (comp.get(hook, r) - eager.get(hook, r)).abs().max() < 1e-5, (hook, r)
+    assert_same_capture(comp, eager, tol=1e-5)
     assert comp.stats["rows"] == eager.stats["rows"]
     # detached: the compiled model runs on, capturing nothing and raising nothing
     with torch.no_grad():
@@ -57,10 +55,7 @@ def test_device_plan_path_compiled_equals_eager(compile_first, load, tmp_path, m
             compiled_fn(torch.tensor([[1, 2]]))
     comp = _run(model, compiled_fn, str(tmp_path / "comp.h5"))
     assert comp.requests == eager.requests
-    for hook in eager.hooks:
-        for r in eager.requests:
-            assert torch.equal(comp.positions(hook, r), eager.positions(hook, r)), (hook, r)
-            assert (comp.get(hook, r) - eager.get(hook, r)).abs().max() < 1e-5, (hook, r)
+    assert_same_capture(comp, eager, tol=1e-5)
     assert comp.stats["rows"] == eager.stats["rows"]
     assert not comp.gaps()
     with torch.no_grad():
@@ -90,7 +85,4 @@ def test_generate_static_cache_auto_compiled_equals_eager(graph_plan, load, tmp_
     assert torch.equal(gen_e, gen_c)
     e, c = dmi.open(tmp_path / "eager.h5"), dmi.open(tmp_path / "comp.h5")
     assert c.requests == e.requests and not c.gaps()
-    for hook in e.hooks:
-        for r in e.requests:
-            assert torch.equal(c.positions(hook, r), e.positions(hook, r)), (hook, r)
-            assert (c.get(hook, r) - e.get(hook, r)).abs().max() < 1e-4, (hook, r)
+    assert_same_capture(c, e, tol=1e-4)
