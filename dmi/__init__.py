@@ -28,11 +28,12 @@ def attach(engine, spec=None, *, progress: bool = False):
     return Session(engine, adapter, spec, sink, progress=progress)
 
 
-def open(path):  # noqa: A001  (dmi.open is the public name)
-    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats."""
+def open(path, merge_ranks: bool = True):  # noqa: A001  (dmi.open is the public name)
+    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats.
+    A tensor-parallel run's rank files are merged into one unless merge_ranks=False."""
     from dmi.reader import open_run
 
-    return open_run(path)
+    return open_run(path, merge_ranks=merge_ranks)
 
 
 __all__ = ["attach", "open", "CaptureSpec", "HookPoint", "DmiError", "SpecError", "UnknownHookError", "__version__"]

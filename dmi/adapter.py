@@ -20,6 +20,9 @@ class Binding:
     # graph cannot report shapes back), eager capture reads it off each tensor instead.
     row_shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
+    # Tensor parallel: this rank holds only a slice of the row, (dim, start, stop, full) along
+    # one row dim; dmi.open puts the ranks' slices back together. None: the whole row.
+    shard: tuple[int, int, int, int] | None = None
 
 
 class Adapter:
@@ -64,6 +67,11 @@ class Adapter:
     def arm(self, session, bindings: list[Binding]) -> None:
         """Install capture points. bindings[i] is captured as session.capture(i, tensor)."""
         raise NotImplementedError
+
+    def run_attrs(self) -> dict:
+        """Extra file attributes for this run. A tensor-parallel rank returns
+        {"tp_rank": r, "tp_size": n}: rank r > 0 writes "<sink>.rank<r>" and dmi.open merges."""
+        return {}
 
     def flush(self) -> None:
         """Make every capture the engine has made so far reach the session (an engine that

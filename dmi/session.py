@@ -54,6 +54,7 @@ class Session:
         self.fallback_hooks = self._check_fallback(spec)
         self.filter = RowFilter(spec, predicate=_predicate(spec.requests.predicate))
         self.degraded = False
+        self._waits_seen = 0
         self.acct = Accounting()
         self.sink = sink
 
@@ -68,7 +69,8 @@ class Session:
         self.hook_infos: dict[int, HookInfo] = {}
         sink.open(RunMeta(dmi_version=__version__, engine=adapter.engine_name, model=name, model_config=config,
                           spec_json=spec.to_json(),
-                          extra={"hooks": self.names, "sources": [b.source for b in self.bindings]}))
+                          extra={"hooks": self.names, "sources": [b.source for b in self.bindings],
+                                 **adapter.run_attrs()}))
         self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos,
                            host_bytes=spec.ring.bytes)
         self.drain.start()
@@ -112,8 +114,13 @@ class Session:
         self.plan = StepPlan(self.step, rows, keep, reduced=fallback if self.degraded else None)
 
     def _update_degrade(self) -> None:
-        """Hysteresis between the watermarks: switch to the fallback above `high`, back below `low`."""
-        fill = self.ring.fill()
+        """Hysteresis between the watermarks: switch to the fallback above `high`, back below `low`.
+        A step whose capture had to wait for ring space counts as a full ring: at step start the
+        drain may just have freed the space the engine waited for, so fill alone can stay below
+        `high` while every step stalls."""
+        waited = self.ring.waits != self._waits_seen
+        self._waits_seen = self.ring.waits
+        fill = 1.0 if waited else self.ring.fill()
         d = self.spec.degrade
         if not self.degraded and fill >= d.high:
             self.degraded = True
@@ -219,7 +226,8 @@ class Session:
         info = self.hook_infos.get(i)
         if info is None:
             b = self.bindings[i]
-            info = HookInfo(b.name, str(dtype).removeprefix("torch."), row_shape, ragged=b.ragged, source=b.source)
+            info = HookInfo(b.name, str(dtype).removeprefix("torch."), row_shape, ragged=b.ragged, source=b.source,
+                            shard=b.shard)
             self.hook_infos[i] = info
         return info
 

@@ -101,5 +101,6 @@ class Accounting:
             }
         snap["rows"] = {c: sum(h[c] for h in snap["hooks"].values()) for c in self.COUNTERS}
         if ring is not None:
-            snap["ring"] = {"bytes": ring.capacity, "fill": ring.fill(), "high_water_bytes": ring.high_water}
+            snap["ring"] = {"bytes": ring.capacity, "fill": ring.fill(), "high_water_bytes": ring.high_water,
+                            "waits": ring.waits}
         return snap

@@ -10,7 +10,7 @@ from dmi.adapter import Binding
 from dmi.errors import SpecError
 from dmi.hooknames import canonical_names, resolve, split_layer
 
-from .tables import VllmTable, VTap, dense_layers, row_bytes
+from .tables import VllmTable, VTap, dense_layers, rank_dims, row_bytes, shard_of
 
 
 @dataclass
@@ -20,13 +20,19 @@ class VBinding(Binding):
 
 
 class Hooks:
-    def __init__(self, table: VllmTable, hf_config, dtype: torch.dtype):
+    """The capture points of one tensor-parallel rank (the only one without TP). Rank 0 binds
+    every selected hook; the other ranks bind only the hooks split across ranks (their slice),
+    since each rank holds the same whole rows of the others."""
+
+    def __init__(self, table: VllmTable, hf_config, dtype: torch.dtype, tp_size: int = 1, tp_rank: int = 0):
         self.table = table
-        self.dims = table.dims(hf_config)
+        self.full_dims = table.dims(hf_config)
+        self.dims = rank_dims(self.full_dims, tp_size)
+        self.tp_size, self.tp_rank = tp_size, tp_rank
         self.dtype = dtype
         dense = dense_layers(hf_config, self.dims.n_layers)
         self.offered: dict[str, tuple[VTap, str]] = {}
-        for name in canonical_names(self.dims.n_layers):
+        for name in canonical_names(self.full_dims.n_layers):
             layer, suffix = split_layer(name)
             tap = table.taps.get(suffix)
             if tap is None or (tap.dense_only and layer not in dense):
@@ -35,7 +41,7 @@ class Hooks:
             self.offered[name] = (tap, path)
 
     def resolve(self, patterns: list[str]) -> list[str]:
-        names = resolve(patterns, list(self.offered), self.dims.n_layers)
+        names = resolve(patterns, list(self.offered), self.full_dims.n_layers)
         modules = [n for n in names if n.startswith("module:")]
         if modules:
             raise SpecError("hooks", f"{modules[0]!r}: module hooks are not supported on vLLM (its modules fuse "
@@ -47,6 +53,9 @@ class Hooks:
         out = []
         for name in self.resolve(patterns):
             tap, path = self.offered[name]
+            shard = shard_of(tap, self.full_dims, self.tp_size, self.tp_rank)
+            if self.tp_rank > 0 and shard is None:
+                continue
             out.append(VBinding(name, f"{path}:{'input' if tap.pre else 'output'}",
-                                row_bytes(tap, self.dims, self.dtype), tap=tap, path=path))
+                                row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path))
         return out

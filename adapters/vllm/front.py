@@ -33,7 +33,8 @@ class VllmAdapter(RemoteAdapter):
         self.llm = llm
         self.vllm_config = llm.llm_engine.vllm_config
         mc = self.vllm_config.model_config
-        self.hooks = Hooks(table, mc.hf_config, mc.dtype)
+        # Rank 0 binds every hook (its slice of the split ones): the caller validates against it.
+        self.hooks = Hooks(table, mc.hf_config, mc.dtype, self.vllm_config.parallel_config.tensor_parallel_size)
 
     @property
     def device(self):

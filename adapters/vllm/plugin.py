@@ -31,12 +31,13 @@ def dmi_adapter_for(engine, tables):
         raise EngineNotSupportedError(f"dmi's vLLM adapter supports vLLM {', '.join(SUPPORTED_VERSIONS)}.x; "
                                       f"this is vLLM {version}")
     par = engine.llm_engine.vllm_config.parallel_config
-    if par.tensor_parallel_size > 1 or par.pipeline_parallel_size > 1:
-        # Each rank would hold a shard of the heads (q/k/v/z) or a slice of the layers and
-        # write its own file; nothing merges ranks yet, so refuse rather than mislead.
-        raise EngineNotSupportedError(f"dmi's vLLM adapter captures single-rank engines; this one has "
-                                      f"tensor_parallel_size={par.tensor_parallel_size}, "
-                                      f"pipeline_parallel_size={par.pipeline_parallel_size}")
+    if par.pipeline_parallel_size > 1 or par.data_parallel_size > 1:
+        # Pipeline stages hold different layers and data-parallel engines different requests;
+        # dmi.open merges only tensor-parallel slices, so refuse rather than mislead.
+        raise EngineNotSupportedError(f"dmi's vLLM adapter captures tensor-parallel engines (any "
+                                      f"tensor_parallel_size) but not pipeline or data parallel ones; this one has "
+                                      f"pipeline_parallel_size={par.pipeline_parallel_size}, "
+                                      f"data_parallel_size={par.data_parallel_size}")
     model_type = engine.llm_engine.vllm_config.model_config.hf_config.model_type
     table = table_for(model_type, tables("vllm"))
     if table is None:

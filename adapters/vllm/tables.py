@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,7 @@ class VTap:
     view: str | None = None      # heads | kv_heads | qkv:<0|1|2>
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dense_only: bool = False     # only on layers with a dense MLP (MoE models)
+    shard: str | None = None     # tensor parallel: heads | kv_heads | mlp is split across ranks
 
     @property
     def pre(self) -> bool:
@@ -47,13 +48,14 @@ def _kv(d: Dims):
 LLAMA_LIKE: dict[str, VTap] = {
     "hook_embed": VTap("model.embed_tokens", "out"),
     "hook_resid_pre": VTap(L, "resid_in"),
-    "attn.hook_q": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:0", shape=_q),
-    "attn.hook_k": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:1", shape=_kv),
-    "attn.hook_v": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:2", shape=_kv),
-    "attn.hook_z": VTap(L + ".self_attn.o_proj", "in0", view="heads", shape=_q),
+    "attn.hook_q": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:0", shape=_q, shard="heads"),
+    "attn.hook_k": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:1", shape=_kv, shard="kv_heads"),
+    "attn.hook_v": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:2", shape=_kv, shard="kv_heads"),
+    "attn.hook_z": VTap(L + ".self_attn.o_proj", "in0", view="heads", shape=_q, shard="heads"),
     "hook_attn_out": VTap(L + ".self_attn", "out"),
     "hook_resid_mid": VTap(L + ".post_attention_layernorm", "in_sum"),
-    "mlp.hook_post": VTap(L + ".mlp.down_proj", "in0", shape=lambda d: (d.intermediate,), dense_only=True),
+    "mlp.hook_post": VTap(L + ".mlp.down_proj", "in0", shape=lambda d: (d.intermediate,), dense_only=True,
+                          shard="mlp"),
     "hook_mlp_out": VTap(L + ".mlp", "out"),
     "hook_resid_post": VTap(L, "out_sum"),
     "ln_final.hook_normalized": VTap("model.norm", "out"),
@@ -62,8 +64,8 @@ LLAMA_LIKE: dict[str, VTap] = {
 
 # Qwen3 normalises q and k per head before rotary; attention consumes the normalised heads.
 QWEN3_QK = {
-    "attn.hook_q": VTap(L + ".self_attn.q_norm", "out", view="heads", shape=_q),
-    "attn.hook_k": VTap(L + ".self_attn.k_norm", "out", view="kv_heads", shape=_kv),
+    "attn.hook_q": VTap(L + ".self_attn.q_norm", "out", view="heads", shape=_q, shard="heads"),
+    "attn.hook_k": VTap(L + ".self_attn.k_norm", "out", view="kv_heads", shape=_kv, shard="kv_heads"),
 }
 
 
@@ -99,6 +101,28 @@ def dense_layers(cfg, n_layers: int) -> set[int]:
     only = set(getattr(cfg, "mlp_only_layers", []) or [])
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
     return {i for i in range(n_layers) if i in only or (i + 1) % step != 0}
+
+
+def rank_dims(full: Dims, tp_size: int) -> Dims:
+    """What one of `tp_size` tensor-parallel ranks holds: vLLM splits q heads and MLP features
+    evenly, and kv heads too unless there are fewer than ranks (then each rank keeps one)."""
+    if tp_size == 1:
+        return full
+    return replace(full, n_heads=full.n_heads // tp_size, n_kv_heads=max(1, full.n_kv_heads // tp_size),
+                   intermediate=full.intermediate // tp_size)
+
+
+def shard_of(tap: VTap, full: Dims, tp_size: int, tp_rank: int) -> tuple[int, int, int, int] | None:
+    """(row dim, start, stop, full size) of the tap's row that rank `tp_rank` holds; None if whole."""
+    if tp_size == 1 or tap.shard is None:
+        return None
+    total = {"heads": full.n_heads, "kv_heads": full.n_kv_heads, "mlp": full.intermediate}[tap.shard]
+    if tap.shard == "kv_heads" and total < tp_size:
+        # Fewer kv heads than ranks: vLLM replicates each over tp_size // total ranks in turn.
+        head = tp_rank // (tp_size // total)
+        return (0, head, head + 1, total)
+    n = total // tp_size
+    return (0, tp_rank * n, (tp_rank + 1) * n, total)
 
 
 def row_bytes(tap: VTap, dims: Dims, dtype: torch.dtype) -> int:

@@ -57,7 +57,8 @@ class WorkerAdapter(Adapter):
         table = table_for(self.hf_config.model_type)
         if table is None:
             raise ValueError(f"dmi has no vLLM table for model_type {self.hf_config.model_type!r}")
-        self.hooks = Hooks(table, self.hf_config, cfg.dtype)
+        self.tp_size, self.tp_rank = tp_rank_of(worker)
+        self.hooks = Hooks(table, self.hf_config, cfg.dtype, self.tp_size, self.tp_rank)
         self.dims = self.hooks.dims
         self.session = None
         self.book = RowBook()
@@ -74,6 +75,9 @@ class WorkerAdapter(Adapter):
 
     def describe(self) -> tuple[str, dict]:
         return str(self.runner.model_config.model), self.hf_config.to_dict()
+
+    def run_attrs(self) -> dict:
+        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size} if self.tp_size > 1 else {}
 
     def resolve(self, patterns):
         return self.hooks.resolve(patterns)
@@ -175,9 +179,20 @@ class WorkerAdapter(Adapter):
 _SESSIONS: dict[int, WorkerSession] = {}   # id(worker) -> its session
 
 
+def tp_rank_of(worker) -> tuple[int, int]:
+    """(tensor-parallel size, this worker's rank in it)."""
+    size = worker.vllm_config.parallel_config.tensor_parallel_size
+    if size == 1:
+        return 1, 0
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return size, get_tensor_model_parallel_rank()
+
+
 def _sink_spec(worker, sink):
-    """Each rank writes its own file; rank 0 keeps the user's name."""
-    rank = getattr(worker, "rank", 0) or 0
+    """Each tensor-parallel rank writes its own file; rank 0 keeps the user's name (dmi.open
+    finds the others beside it)."""
+    _, rank = tp_rank_of(worker)
     if rank == 0:
         return sink
     if isinstance(sink, str):
@@ -199,7 +214,7 @@ def open_session(worker, spec_json: str) -> str:
     sink = plugins.sink_for(_sink_spec(worker, spec.sink))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)
     _SESSIONS[id(worker)] = session
-    return json.dumps({"hooks": session.names, "rank": getattr(worker, "rank", 0) or 0})
+    return json.dumps({"hooks": session.names, "rank": adapter.tp_rank})
 
 
 def _stats(session) -> str:

@@ -242,6 +242,13 @@ class Run:
         return str(_attr_value(self._group(hook).attrs.get("source", "")))
 
     @_live
+    def shard(self, hook: str) -> tuple[int, int, int, int] | None:
+        """(dim, start, stop, full): the slice of each row this file holds, when a tensor-parallel
+        rank captured only part of it; None when rows are whole."""
+        value = self._group(hook).attrs.get("shard")
+        return None if value is None else tuple(int(v) for v in _attr_value(value))
+
+    @_live
     def num_rows(self, hook: str) -> int:
         grp = self._group(hook)
         return self._committed(grp.attrs, grp["data"].shape[0])
@@ -397,6 +404,18 @@ def _open_h5(path: str) -> h5py.File:
     raise ValueError(f"{path!r} is not a readable HDF5 file: {error}") from error
 
 
-def open_run(path: str | os.PathLike[str]) -> Run:
-    """Open a dmi HDF5 run for reading (safe while another process is still writing it)."""
-    return Run(path)
+def open_run(path: str | os.PathLike[str], merge_ranks: bool = True):
+    """Open a dmi HDF5 run for reading (safe while another process is still writing it).
+
+    A run captured under tensor parallelism is rank 0's file plus "<path>.rank<r>" per other
+    rank; with merge_ranks (the default) they read as one run (dmi.reader.ranks)."""
+    run = Run(path)
+    if not merge_ranks:
+        return run
+    from dmi.reader.ranks import open_ranks
+
+    try:
+        return open_ranks(run)
+    except BaseException:
+        run.close()
+        raise

@@ -177,7 +177,10 @@ def _norm_cell(run: Run, hook: str | None, max_bytes: int) -> str:
     dt = getattr(torch, run.dtype(hook), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         return f"n={n}"
-    value, nonfinite = row_norm_stats(run, hook, max_bytes=max_bytes)
+    try:
+        value, nonfinite = row_norm_stats(run, hook, max_bytes=max_bytes)
+    except ValueError:  # a tensor-parallel run whose ranks dropped different rows of this hook
+        return "n/a (ranks differ)"
     # NaN/Inf rows are worth flagging on their own rather than turning the mean into nan.
     return f"{value:#.4g}" + (f" ({nonfinite} nan/inf)" if nonfinite else "")
 

@@ -26,6 +26,7 @@ class PayloadRing:
         self._live: deque[tuple[int, int]] = deque()  # (start, end), oldest first
         self._head = 0        # next free byte
         self.high_water = 0
+        self.waits = 0        # allocations that had to wait for the drain to free space
         self.closed = False
 
     @staticmethod
@@ -64,6 +65,7 @@ class PayloadRing:
         if n > self.capacity:
             return None
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
         with self._lock:
             while True:
                 if self.closed:
@@ -76,6 +78,9 @@ class PayloadRing:
                     return start
                 if not wait or not alive():
                     return None
+                if not waited:
+                    waited = True
+                    self.waits += 1
                 if before_wait is not None:
                     self._lock.release()
                     try:

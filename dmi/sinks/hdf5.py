@@ -6,7 +6,8 @@ Layout (format_version 1):
                       model_config (JSON), spec (JSON), created (ISO time), complete (bool),
                       json_attrs (JSON list of the attrs that hold JSON), one attr per meta.extra key
     /requests         vlen utf-8 [R]: request ids in first-seen order; rows point here by int32 index
-    /hooks/<name>/    attrs: dtype (torch name), row_shape, ragged, source
+    /hooks/<name>/    attrs: dtype (torch name), row_shape, ragged, source; shard (dim, start,
+                      stop, full) when a tensor-parallel rank holds a slice of the row
         data          [N, *row_shape]; bfloat16 kept as uint16 bit patterns, ragged last dim grows
         request       int32 [N]
         position      int64 [N]
@@ -366,6 +367,8 @@ class HDF5Sink(Sink):
         grp.attrs["row_shape"] = np.asarray(row_shape, dtype=np.int64)
         grp.attrs["ragged"] = bool(info.ragged)
         grp.attrs["source"] = info.source
+        if info.shard is not None:
+            grp.attrs["shard"] = np.asarray(info.shard, dtype=np.int64)
         ds = grp.create_dataset("data", shape=(0, *row_shape), maxshape=maxshape, dtype=stored,
                                 chunks=(chunk_rows, *chunk_inner), fillvalue=np.zeros((), stored))
         cols = {c: grp.create_dataset(c, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_INDEX_CHUNK,))

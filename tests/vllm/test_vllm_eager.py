@@ -123,6 +123,6 @@ def test_engine_not_supported_names_versions(llm, monkeypatch):
         dmi.attach(llm, dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"]))
     monkeypatch.undo()
     par = llm.llm_engine.vllm_config.parallel_config
-    monkeypatch.setattr(par, "tensor_parallel_size", 2)
-    with pytest.raises(EngineNotSupportedError, match="tensor_parallel_size=2"):
+    monkeypatch.setattr(par, "pipeline_parallel_size", 2)
+    with pytest.raises(EngineNotSupportedError, match="pipeline_parallel_size=2"):
         dmi.attach(llm, dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"]))
