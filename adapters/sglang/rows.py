@@ -9,6 +9,10 @@ padding) belong to no request.
 
 The logits processor computes one row per request, for its last row; `last_rows` says which
 rows of the step those are.
+
+A retracted (preempted) request comes back as an extend over tokens it had computed before;
+`Coverage` remembers how far each request got, and rows below that are not recorded again (its
+logits neither: they hang off the step's rows).
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ from dmi.ring.frames import DECODE, PREFILL, RowTable
 HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
 
 
-def row_table(fb, n_rows: int) -> tuple[RowTable, np.ndarray]:
-    """(rows of the step, index of each request's last row; -1 where a padded logits row is)."""
+def row_table(fb, n_rows: int, recorded: dict[str, int] | None = None) -> tuple[RowTable, np.ndarray]:
+    """(rows of the step, index of each request's last row; -1 where a padded logits row is).
+    `recorded`: per request, the first position not recorded yet; rows before it are left out."""
     mode = fb.forward_mode
     rids = [str(r) for r in (fb.rids or [])]
     request = np.full(n_rows, -1, dtype=np.int32)
@@ -53,6 +58,11 @@ def row_table(fb, n_rows: int) -> tuple[RowTable, np.ndarray]:
     probes = [i for i, r in enumerate(rids) if r.startswith(HEALTH_CHECK_PREFIX)]
     if probes:
         request[np.isin(request, probes)] = -1
+    if recorded and rids:
+        first_new = np.array([recorded.get(r, 0) for r in rids], dtype=np.int64)
+        real = request >= 0
+        again = real & (position < first_new[np.where(real, request, 0)])
+        request[again] = -1
     return RowTable(batch=1, tokens=n_rows, request_ids=rids, request=request, position=position,
                     phase=phase), last
 
@@ -72,11 +82,14 @@ class Coverage:
 
     def __init__(self, limit: int = 1 << 16):
         self.done: OrderedDict[str, int] = OrderedDict()
+        self.before: dict[str, int] = {}
         self.limit = limit
 
     def step(self, fb) -> list[tuple[str, np.ndarray]]:
-        """Advance with this step; return the cached (not computed) positions per request."""
+        """Advance with this step; return the cached (not computed) positions per request.
+        `before` keeps where each of the step's requests stood (for row_table's `recorded`)."""
         skipped = []
+        self.before = {str(r): self.done[str(r)] for r in (fb.rids or []) if str(r) in self.done}
         if fb.forward_mode.is_decode():
             for rid, seq in zip(fb.rids or [], fb.seq_lens_cpu.tolist()):
                 self._set(str(rid), int(seq))
@@ -87,7 +100,7 @@ class Coverage:
             seen = self.done.get(rid, 0)
             if prefix > seen:
                 skipped.append((rid, np.arange(seen, prefix, dtype=np.int64)))
-            self._set(rid, prefix + n)
+            self._set(rid, max(seen, prefix + n))
         return skipped
 
     def _set(self, rid: str, n: int) -> None:

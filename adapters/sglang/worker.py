@@ -104,7 +104,7 @@ class SGLangWorkerAdapter(Adapter):
         for rid, pos in self.coverage.step(fb):
             s.not_computed(rid, pos, "prefix_cache")
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
-        rows, self._last = row_table(fb, n)
+        rows, self._last = row_table(fb, n, self.coverage.before)
         s.begin_step(rows)
 
     def end(self) -> None:

@@ -74,6 +74,32 @@ def test_coverage_tells_radix_hits_from_earlier_chunks():
     assert cov.done == {"a": 9, "b": 10}
 
 
+def test_a_retracted_request_recomputed_is_recorded_once():
+    cov = Coverage()
+    first = batch("extend", ["r"], ext=[5], prefix=[0])
+    cov.step(first)
+    rows, _ = row_table(first, 5, cov.before)
+    assert rows.request.tolist() == [0] * 5
+    for seq in (6, 7):                                      # two decode steps: positions 5, 6
+        fb = batch("decode", ["r"], seq_lens=[seq])
+        cov.step(fb)
+        assert row_table(fb, 1, cov.before)[0].request.tolist() == [0]
+    # Retracted, then re-prefilled in two chunks with the new request "s" beside it: positions
+    # 0..6 were recorded, 7 is new; its logits row (the chunk's last row) only in the second chunk.
+    chunk1 = batch("extend", ["r", "s"], ext=[4, 2], prefix=[0, 0])
+    assert cov.step(chunk1) == []
+    rows, last = row_table(chunk1, 6, cov.before)
+    assert rows.request.tolist() == [-1, -1, -1, -1, 1, 1]
+    chunk2 = batch("extend", ["r"], ext=[4], prefix=[4])
+    cov.step(chunk2)
+    rows, last = row_table(chunk2, 4, cov.before)
+    assert rows.request.tolist() == [-1, -1, -1, 0] and rows.position.tolist() == [4, 5, 6, 7]
+    assert rows.request[last].tolist() == [0]
+    nxt = batch("decode", ["r"], seq_lens=[9])
+    cov.step(nxt)
+    assert row_table(nxt, 1, cov.before)[0].request.tolist() == [0]
+
+
 def test_coverage_is_bounded():
     cov = Coverage(limit=2)
     for r in "abc":
