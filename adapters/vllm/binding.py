@@ -35,7 +35,7 @@ class Hooks:
         for name in canonical_names(self.full_dims.n_layers):
             layer, suffix = split_layer(name)
             tap = table.taps.get(suffix)
-            if tap is None or (tap.dense_only and layer not in dense):
+            if tap is None or (tap.dense_only and layer not in dense) or (tap.sparse_only and layer in dense):
                 continue
             path = tap.module.replace("{L}", str(layer)) if layer is not None else tap.module
             self.offered[name] = (tap, path)

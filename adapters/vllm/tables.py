@@ -6,7 +6,10 @@ outputs rather than one tensor:
   is their sum (resid_pre at layer 0 is the embedding alone: residual is None there);
 - post_attention_layernorm(attn_out, residual) adds before it normalises: resid_mid is
   the sum of its arguments;
-- qkv_proj emits [q | k | v] concatenated; the config's head counts split it.
+- qkv_proj emits [q | k | v] concatenated; the config's head counts split it;
+- MoE routing: the gate is a module (router logits), but the top-k choice is a method of the
+  fused-MoE layer's router object, not a module: its return value is read by wrapping that
+  method on the instance.
 Hook names are dmi's canonical ones (dmi/hooknames.py), so a spec means the same thing
 on the HF and the vLLM engine.
 """
@@ -26,10 +29,13 @@ L = "model.layers.{L}"
 @dataclass(frozen=True)
 class VTap:
     module: str                  # dotted path from the causal-LM root; "{L}" is the layer
-    read: str                    # out | out_sum | in0 | in_sum | resid_in  (see read())
+    read: str                    # out | out_sum | in0 | in_sum | resid_in | ret0 | ret1  (see read())
     view: str | None = None      # heads | kv_heads | qkv:<0|1|2>
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dense_only: bool = False     # only on layers with a dense MLP (MoE models)
+    sparse_only: bool = False    # only on MoE layers
+    method: str | None = None    # read the return value of this method of the object at `module`
+    dtype: torch.dtype | None = None  # fixed row dtype (expert ids); None: the model's
     shard: str | None = None     # tensor parallel: heads | kv_heads | mlp is split across ranks
 
     @property
@@ -69,6 +75,21 @@ QWEN3_QK = {
 }
 
 
+def _k(d: Dims):
+    return (d.top_k,)
+
+
+MOE_ROUTER = {
+    "mlp.hook_router_logits": VTap(L + ".mlp.gate", "out", shape=lambda d: (d.n_experts,), sparse_only=True),
+    # select_experts(hidden_states=, router_logits=, ...) -> (topk_weights, topk_ids), weights
+    # renormalised when the config says so (norm_topk_prob), as HF's block computes them.
+    "mlp.hook_topk_weights": VTap(L + ".mlp.experts.router", "ret0", method="select_experts", shape=_k,
+                                  sparse_only=True),
+    "mlp.hook_topk_ids": VTap(L + ".mlp.experts.router", "ret1", method="select_experts", shape=_k,
+                              sparse_only=True, dtype=torch.int32),
+}
+
+
 @dataclass(frozen=True)
 class VllmTable:
     family: str
@@ -84,8 +105,7 @@ TABLES = [
     VllmTable("qwen3", ("qwen3",), {**LLAMA_LIKE, **QWEN3_QK}),
     # vLLM computes routing inside its fused-MoE kernel (the gate's logits never leave it
     # as a module output), so router logits and top-k are not offered.
-    VllmTable("qwen3_moe", ("qwen3_moe",), {**LLAMA_LIKE, **QWEN3_QK},
-              notes="router hooks not offered: vLLM routes inside the fused-MoE kernel"),
+    VllmTable("qwen3_moe", ("qwen3_moe",), {**LLAMA_LIKE, **QWEN3_QK, **MOE_ROUTER}),
 ]
 
 
@@ -126,7 +146,7 @@ def shard_of(tap: VTap, full: Dims, tp_size: int, tp_rank: int) -> tuple[int, in
 
 
 def row_bytes(tap: VTap, dims: Dims, dtype: torch.dtype) -> int:
-    return math.prod(tap.shape(dims)) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(tap.shape(dims)) * torch.empty((), dtype=tap.dtype or dtype).element_size()
 
 
 def _first(x):
@@ -144,6 +164,8 @@ def read(tap: VTap, dims: Dims, args: tuple, kwargs: dict, out) -> torch.Tensor 
         x = args[0] if args else next(iter(kwargs.values()))
     elif r == "in_sum":
         x = args[0] if len(args) < 2 or args[1] is None else args[0] + args[1]
+    elif r in ("ret0", "ret1"):
+        x = out[int(r[-1])] if isinstance(out, (tuple, list)) else None
     elif r == "resid_in":
         h = args[1] if len(args) > 1 else kwargs["hidden_states"]
         res = args[2] if len(args) > 2 else kwargs.get("residual")

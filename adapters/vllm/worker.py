@@ -64,6 +64,7 @@ class WorkerAdapter(Adapter):
         self.book = RowBook()
         self._handles: list = []
         self._wrapped: list[str] = []
+        self._methods: list[tuple[object, str]] = []
         self._token = torch.zeros(1)
         self._bridge = 0
         self._in_step = False
@@ -90,14 +91,21 @@ class WorkerAdapter(Adapter):
         self.session = session
         self._bridge = host_ops.register_bridge(self, BRIDGE_ID)
         model = self.runner.model
+        by_method: dict[tuple[int, str], tuple[object, list]] = {}
         for i, b in enumerate(bindings):
-            mod = model.get_submodule(b.path)
             fn = functools.partial(self._hook, i, b)
+            if b.tap.method is not None:
+                obj = functools.reduce(getattr, b.path.split("."), model)
+                by_method.setdefault((id(obj), b.tap.method), (obj, []))[1].append(fn)
+                continue
+            mod = model.get_submodule(b.path)
             if b.tap.pre:
                 h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
             else:
                 h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
             self._handles.append(h)
+        for (_, name), (obj, fns) in by_method.items():
+            self._wrap_method(obj, name, fns)
         self._wrap("execute_model", self._execute_model)
         self._wrap("_model_forward", self._model_forward)
 
@@ -105,6 +113,19 @@ class WorkerAdapter(Adapter):
         original = getattr(self.runner, name)
         setattr(self.runner, name, functools.partial(fn, original))
         self._wrapped.append(name)
+
+    def _wrap_method(self, obj, name: str, fns: list) -> None:
+        """Capture what obj.name returns (an instance attribute, removed on disarm)."""
+        original = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            ret = original(*args, **kwargs)
+            for fn in fns:
+                fn((), {}, ret)
+            return ret
+
+        setattr(obj, name, wrapper)
+        self._methods.append((obj, name))
 
     def disarm(self) -> None:
         host_ops.unregister_bridge(BRIDGE_ID, self)
@@ -117,6 +138,10 @@ class WorkerAdapter(Adapter):
         for name in self._wrapped:
             self.runner.__dict__.pop(name, None)
         self._wrapped.clear()
+        if not self._compiled():
+            for obj, name in self._methods:
+                obj.__dict__.pop(name, None)
+            self._methods.clear()
         self.session = None
 
     def _compiled(self) -> bool:

@@ -28,6 +28,10 @@ def test_qwen3_moe_matches_reference(moe, load, out):
     run = dmi.open(out)
     assert "blocks.0.mlp.hook_post" in run.hooks and "blocks.1.mlp.hook_post" not in run.hooks  # layer 1 is sparse
     assert "blocks.1.hook_mlp_out" in run.hooks
+    # Routing on the sparse layer only: logits from the gate module, top-k from the router's method.
+    assert {"blocks.1.mlp.hook_router_logits", "blocks.1.mlp.hook_topk_ids", "blocks.1.mlp.hook_topk_weights"} <= set(
+        run.hooks) and "blocks.0.mlp.hook_router_logits" not in run.hooks
+    assert run.dtype("blocks.1.mlp.hook_topk_ids") == "int32"
     assert_books_balance(run.stats)
     check_outputs(run, load("qwen3_moe"), outs)
 

@@ -24,7 +24,8 @@ from dmi.tiny import build_tiny_model
 pytestmark = pytest.mark.vllm
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q", "blocks.*.attn.hook_k", "blocks.*.attn.hook_v",
-         "blocks.*.attn.hook_z", "blocks.0.mlp.hook_post", "blocks.*.hook_mlp_out", "hook_logits"]
+         "blocks.*.attn.hook_z", "blocks.0.mlp.hook_post", "blocks.*.hook_mlp_out", "blocks.1.mlp.hook_router_logits",
+         "blocks.1.mlp.hook_topk_ids", "hook_logits"]
 
 
 def _omp_bind() -> str:
@@ -82,7 +83,8 @@ def test_tp2_compiled_armed_at_construction(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     sink = str(tmp_path / "armed.h5")
-    hooks = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q", "blocks.0.mlp.hook_post", "hook_logits"]
+    hooks = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q", "blocks.0.mlp.hook_post",
+             "blocks.1.mlp.hook_topk_weights", "blocks.1.mlp.hook_topk_ids", "hook_logits"]
     with env(VLLM_ENABLE_V1_MULTIPROCESSING=1, VLLM_CPU_OMP_THREADS_BIND=_omp_bind(),
              VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache")):
         engine = make_llm(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp", enforce_eager=False,
