@@ -66,6 +66,7 @@ def test_sliced_hooks_read_back_whole(tp_run):
     path, full = tp_run
     with dmi.open(path) as run:
         assert run.complete and run.tp_size == 2
+        assert run.shard("blocks.0.attn.hook_q") is None and run.ranks[1].shard("blocks.0.attn.hook_q") == (0, 2, 4, 4)
         assert sorted(run.requests) == ["a", "b"]
         for h, shape in FULL_SHAPES.items():
             assert run.shape(h) == shape

@@ -88,6 +88,11 @@ class ShardedRun:
             self._held[hook] = held
         return held or None
 
+    def shard(self, hook: str) -> None:
+        """Merged rows are whole (each rank's slice: ranks[r].shard(hook))."""
+        self.ranks[0].shard(hook)  # unknown hook: raises
+        return None
+
     # -- sizes -------------------------------------------------------------------------------
 
     def shape(self, hook: str) -> tuple[int, ...]:

@@ -6,8 +6,6 @@ makes the scheduler admit them together, so decoding runs out of room and retrac
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 from checks import assert_books_balance, assert_request_matches, fed
 from sglang_env import start_engine
@@ -20,17 +18,10 @@ pytestmark = pytest.mark.sglang
 @pytest.fixture(scope="module")
 def engine(sgl_tiny):
     # Read by the scheduler process SGLang spawns, so set before the engine starts.
-    knobs = {"SGLANG_INIT_NEW_TOKEN_RATIO": "0.01", "SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR": "1"}
-    old = {k: os.environ.get(k) for k in knobs}
-    os.environ.update(knobs)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SGLANG_INIT_NEW_TOKEN_RATIO", "0.01")
+        mp.setenv("SGLANG_MIN_NEW_TOKEN_RATIO_FACTOR", "1")
         e = start_engine(sgl_tiny("qwen3"), max_total_tokens=100, max_running_requests=4)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield e
     e.shutdown()
 
@@ -38,7 +29,7 @@ def engine(sgl_tiny):
 def test_retracted_request_is_recorded_once(engine, hf_model, tmp_path):
     prompts = [[100 + i] + [(i * 7 + 3 * k) % 250 + 1 for k in range(1, 20)] for i in range(4)]
     # No ignore_eos: SGLang reserves a request's whole max_new_tokens when it ignores EOS, and
-    # would never over-admit. The tiny model's EOS (256) is one of 320 ids, so runs are full length.
+    # would never over-admit. An early EOS would only shorten a request (fed() follows the output).
     params = {"temperature": 0, "max_new_tokens": 40}
     out = str(tmp_path / "cap.h5")
     hooks = ["blocks.*.hook_resid_post", "blocks.0.attn.hook_v", "hook_logits"]
