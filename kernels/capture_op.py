@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from dmi.kernels.cpu import capture_rows as cpu_rows
+
 # ctrl is int64 [n_slots, CTRL_WIDTH]: per capture slot, an enabled flag, the byte offset in
 # the ring where the slot's first row goes, and how many entries of src_rows are used. Rows
 # are written back to back. On a GPU under CUDA graphs ctrl and src_rows are device tensors
@@ -31,9 +33,7 @@ def _capture_impl(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, c
         from dmi.kernels.triton_capture import capture_rows as triton_rows
 
         return triton_rows(ring, x, src_rows, ctrl, slot)
-    from dmi.kernels.cpu import capture_rows
-
-    capture_rows(ring, x, src_rows, ctrl, slot)
+    cpu_rows(ring, x, src_rows, ctrl, slot)
 
 
 # CompositeExplicitAutograd: one kernel for every device and no autograd (captures are
