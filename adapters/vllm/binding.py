@@ -59,3 +59,17 @@ class Hooks:
             out.append(VBinding(name, f"{path}:{'input' if tap.pre else 'output'}",
                                 row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path))
         return out
+
+
+def rank_sink(sink, rank: int, tp_size: int):
+    """The sink tensor-parallel rank `rank` writes: rank 0 the spec's, rank r "<path>.rank<r>"
+    beside it (dmi.open finds them there)."""
+    if rank == 0:
+        return sink
+    if isinstance(sink, str):
+        return f"{sink}.rank{rank}"
+    if isinstance(sink, dict) and "path" in sink:
+        return {**sink, "path": f"{sink['path']}.rank{rank}"}
+    raise SpecError("sink", f"this engine runs {tp_size} tensor-parallel ranks and each writes its own file "
+                            f"(<path>.rank<r> beside rank 0's); give the sink as a path, or a dict with "
+                            f"'path', not {sink!r}")

@@ -14,7 +14,7 @@ from dmi.remote import RemoteAdapter, RemoteSession
 from dmi.ring import PayloadRing
 from dmi.spec import CaptureSpec
 
-from .binding import Hooks
+from .binding import Hooks, rank_sink
 from .tables import VllmTable
 from .vllm_plugin import armed_spec
 
@@ -83,6 +83,9 @@ class VllmAdapter(RemoteAdapter):
 
             _predicate(spec.requests.predicate)
         plugins.sink_for(spec.sink)  # a sink creates nothing before open()
+        tp = self.vllm_config.parallel_config.tensor_parallel_size
+        for rank in range(1, tp):
+            rank_sink(spec.sink, rank, tp)
 
 
 class VllmSession(RemoteSession):

@@ -24,7 +24,7 @@ from dmi.kernels import host_ops
 from dmi.adapter import Adapter
 from dmi.session import Session
 
-from .binding import Hooks, VBinding
+from .binding import Hooks, VBinding, rank_sink
 from .rows import RowBook
 from .tables import read, table_for
 
@@ -214,19 +214,6 @@ def tp_rank_of(worker) -> tuple[int, int]:
     return size, get_tensor_model_parallel_rank()
 
 
-def _sink_spec(worker, sink):
-    """Each tensor-parallel rank writes its own file; rank 0 keeps the user's name (dmi.open
-    finds the others beside it)."""
-    _, rank = tp_rank_of(worker)
-    if rank == 0:
-        return sink
-    if isinstance(sink, str):
-        return f"{sink}.rank{rank}"
-    if isinstance(sink, dict) and "path" in sink:
-        return {**sink, "path": f"{sink['path']}.rank{rank}"}
-    return sink
-
-
 def open_session(worker, spec_json: str) -> str:
     from dmi import plugins
     from dmi.errors import SessionStateError
@@ -236,7 +223,8 @@ def open_session(worker, spec_json: str) -> str:
         raise SessionStateError("this vLLM worker already has an open dmi session")
     spec = CaptureSpec.parse(json.loads(spec_json))
     adapter = WorkerAdapter(worker)
-    sink = plugins.sink_for(_sink_spec(worker, spec.sink))
+    tp_size, rank = tp_rank_of(worker)
+    sink = plugins.sink_for(rank_sink(spec.sink, rank, tp_size))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)
     _SESSIONS[id(worker)] = session
     return json.dumps({"hooks": session.names, "rank": adapter.tp_rank})

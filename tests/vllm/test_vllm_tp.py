@@ -99,3 +99,13 @@ def test_tp2_compiled_armed_at_construction(model_dir, tmp_path):
         assert run.complete and run.tp_size == 2 and run.shape("blocks.1.attn.hook_q") == (4, 32)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
         check_outputs(run, hf, outs)
+
+
+def test_rank_files_need_a_path_sink():
+    from dmi.adapters.vllm.binding import rank_sink
+    from dmi.errors import SpecError
+
+    assert rank_sink("run.h5", 1, 2) == "run.h5.rank1"
+    assert rank_sink({"kind": "hdf5", "path": "run.h5"}, 1, 2) == {"kind": "hdf5", "path": "run.h5.rank1"}
+    with pytest.raises(SpecError, match="tensor-parallel ranks"):
+        rank_sink({"kind": "socket", "address": "x"}, 1, 2)
