@@ -40,7 +40,19 @@ def _graphs_captured(runner) -> bool:
         and type(runner.prefill_cuda_graph_runner).__name__ != "EagerRunner")
 
 
-def open_session(spec_json: str, at_start: bool = False) -> dict:
+def in_flight(scheduler) -> set[str]:
+    """Requests the scheduler is running now (their KV holds positions computed unwatched)."""
+    if scheduler is None:
+        return set()
+    reqs = list(getattr(getattr(scheduler, "running_batch", None), "reqs", None) or [])
+    reqs += list(getattr(getattr(scheduler, "last_batch", None), "reqs", None) or [])
+    chunked = getattr(scheduler, "chunked_req", None)
+    if chunked is not None:
+        reqs.append(chunked)
+    return {str(r.rid) for r in reqs if getattr(r, "rid", None) is not None}
+
+
+def open_session(spec_json: str, at_start: bool = False, scheduler=None) -> dict:
     from dmi import plugins
     from dmi.session import Session
     from dmi.spec import CaptureSpec
@@ -65,7 +77,8 @@ def open_session(spec_json: str, at_start: bool = False) -> dict:
     if table is None:
         arch = (getattr(cfg, "architectures", None) or ["?"])[0]
         raise EngineNotSupportedError(f"dmi has no SGLang architecture table for {arch!r}")
-    adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")))
+    adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
+                                  in_flight=in_flight(scheduler))
     session = Session(runner, adapter, spec, plugins.sink_for(spec.sink))
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start)
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
@@ -96,13 +109,13 @@ def flush_if_idle(scheduler) -> None:
     _STATE["flushed_step"] = s.step
 
 
-def handle(op: str, spec: str = "", timeout: float = -1.0) -> dict:
+def handle(op: str, spec: str = "", timeout: float = -1.0, scheduler=None) -> dict:
     s = _STATE["session"]
     if op == "status":
         return {"open": s is not None, "armed_at_start": _STATE["armed_at_start"], "arm_error": _STATE.get("arm_error"),
                 "spec": s.spec.to_json() if s is not None else None}
     if op == "open":
-        return open_session(spec)
+        return open_session(spec, scheduler=scheduler)
     if s is None:
         if op == "close":
             return {"stats": None}
@@ -123,7 +136,7 @@ def rpc(scheduler, op: str, reply: str, spec: str = "", timeout: float = -1.0) -
     """Scheduler method behind collective_rpc("dmi_control", ...). Errors travel back as the
     RPC's message, prefixed with their type so the caller can raise the same kind."""
     try:
-        out = handle(op, spec, timeout)
+        out = handle(op, spec, timeout, scheduler)
         err = None
     except Exception as e:
         out, err = None, {"type": type(e).__name__, "message": str(e), "value_error": isinstance(e, ValueError)}

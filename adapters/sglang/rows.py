@@ -78,28 +78,35 @@ def extend_gaps(fb) -> list[tuple[str, int, int]]:
 class Coverage:
     """How far each request's positions have been computed while dmi watched, to tell a radix
     cache hit (positions the engine never computed) from the previous chunk of a chunked
-    prefill (computed, already recorded)."""
+    prefill (computed, already recorded). Requests already in flight when the session opened
+    (`started`) computed their first positions unwatched: those are reported "before_attach"."""
 
-    def __init__(self, limit: int = 1 << 16):
+    def __init__(self, limit: int = 1 << 16, started=()):
+        self.started = set(started)
         self.done: OrderedDict[str, int] = OrderedDict()
         self.before: dict[str, int] = {}
         self.limit = limit
 
-    def step(self, fb) -> list[tuple[str, np.ndarray]]:
-        """Advance with this step; return the cached (not computed) positions per request.
-        `before` keeps where each of the step's requests stood (for row_table's `recorded`)."""
+    def step(self, fb) -> list[tuple[str, np.ndarray, str]]:
+        """Advance with this step; return (request, positions, reason) for positions the session
+        will never see computed: "prefix_cache", or "before_attach" for a request in flight at
+        attach. `before` keeps where each of the step's requests stood (row_table's `recorded`)."""
         skipped = []
         self.before = {str(r): self.done[str(r)] for r in (fb.rids or []) if str(r) in self.done}
         if fb.forward_mode.is_decode():
             for rid, seq in zip(fb.rids or [], fb.seq_lens_cpu.tolist()):
-                self._set(str(rid), int(seq))
+                rid, seq = str(rid), int(seq)
+                if rid not in self.done and rid in self.started and seq > 1:
+                    skipped.append((rid, np.arange(0, seq - 1, dtype=np.int64), "before_attach"))
+                self._set(rid, seq)
             return skipped
         for rid, prefix, n in extend_gaps(fb):
             if rid.startswith(HEALTH_CHECK_PREFIX):
                 continue
             seen = self.done.get(rid, 0)
             if prefix > seen:
-                skipped.append((rid, np.arange(seen, prefix, dtype=np.int64)))
+                reason = "before_attach" if rid not in self.done and rid in self.started else "prefix_cache"
+                skipped.append((rid, np.arange(seen, prefix, dtype=np.int64), reason))
             self._set(rid, max(seen, prefix + n))
         return skipped
 

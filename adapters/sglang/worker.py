@@ -29,7 +29,7 @@ def table_for(hf_config, tables=BUILTIN_TABLES):
 class SGLangWorkerAdapter(Adapter):
     engine_name = "sglang"
 
-    def __init__(self, runner, table, model_path: str = ""):
+    def __init__(self, runner, table, model_path: str = "", in_flight=()):
         super().__init__(runner)
         self.runner = runner
         self.model = runner.model
@@ -38,7 +38,7 @@ class SGLangWorkerAdapter(Adapter):
         self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4)
         self.model_path = model_path
         self.session = None
-        self.coverage = Coverage()
+        self.coverage = Coverage(started=in_flight)
         self._handles: list = []
         self._last = None  # this step's last row of each request, for the logits
 
@@ -101,8 +101,8 @@ class SGLangWorkerAdapter(Adapter):
 
     def _begin(self, fb) -> None:
         s = self.session
-        for rid, pos in self.coverage.step(fb):
-            s.not_computed(rid, pos, "prefix_cache")
+        for rid, pos, reason in self.coverage.step(fb):
+            s.not_computed(rid, pos, reason)
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
         rows, self._last = row_table(fb, n, self.coverage.before)
         s.begin_step(rows)

@@ -10,7 +10,8 @@ logits row is not recorded.
 Recording, per request, the first position not yet recorded makes two engine behaviours
 visible instead of silent:
 - a step that starts past it (a prefix-cache hit) reports the skipped positions as
-  not computed (reason "prefix_cache");
+  not computed (reason "prefix_cache"; "before_attach" for a request already in the batch
+  when the session opened, whose first positions were computed unwatched);
 - a step that starts before it (a preempted request recomputed from scratch) repeats
   positions already on file, which are not recorded twice.
 """
@@ -32,13 +33,14 @@ def external_id(req_id: str) -> str:
 class StepRows:
     tokens: RowTable
     logits: RowTable
-    skipped: list[tuple[str, np.ndarray]]   # (request, positions) served from the prefix cache
+    skipped: list[tuple[str, np.ndarray, str]]   # (request, positions, reason) never seen computed
 
 
 @dataclass
 class RowBook:
     next_pos: dict[str, int] = field(default_factory=dict)     # first position not yet recorded
     next_logit: dict[str, int] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)   # in the batch when the session opened
 
     def forget(self, internal_ids) -> None:
         for rid in internal_ids:
@@ -70,7 +72,8 @@ class RowBook:
             first, last = int(pos[0]), int(pos[-1])
             seen = self.next_pos.get(ext, 0)
             if first > seen:
-                skipped.append((ext, np.arange(seen, first, dtype=np.int64)))
+                why = "before_attach" if ext in self.started and ext not in self.next_pos else "prefix_cache"
+                skipped.append((ext, np.arange(seen, first, dtype=np.int64), why))
             fresh = pos >= seen
             request[start:end] = np.where(fresh, i, -1)
             position[start:end] = pos

@@ -25,7 +25,7 @@ from dmi.adapter import Adapter
 from dmi.session import Session
 
 from .binding import Hooks, VBinding, rank_sink
-from .rows import RowBook
+from .rows import RowBook, external_id
 from .tables import read, table_for
 
 log = logging.getLogger("dmi")
@@ -89,6 +89,7 @@ class WorkerAdapter(Adapter):
     # -- arming ------------------------------------------------------------------------
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session
+        self.book.started = {external_id(r) for r in self.runner.input_batch.req_ids}
         self._bridge = host_ops.register_bridge(self, BRIDGE_ID)
         model = self.runner.model
         by_method: dict[tuple[int, str], tuple[object, list]] = {}
@@ -179,8 +180,8 @@ class WorkerAdapter(Adapter):
         counts = np.array([self._sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         rows = self.book.step(req_ids, counts, positions.detach().cpu().numpy(),
                               batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n])
-        for rid, pos in rows.skipped:
-            self.session.not_computed(rid, pos, "prefix_cache")
+        for rid, pos, why in rows.skipped:
+            self.session.not_computed(rid, pos, why)
         self._logits_rows = rows.logits
         self.session.begin_step(rows.tokens)
         self._in_step = True

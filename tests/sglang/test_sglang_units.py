@@ -57,7 +57,7 @@ def test_health_probes_are_never_recorded():
     fb = batch("extend", ["HEALTH_CHECK_1f", "u"], ext=[2, 2], prefix=[0, 3])
     rows, _ = row_table(fb, 4)
     assert rows.request.tolist() == [-1, -1, 1, 1]
-    assert [r for r, _ in Coverage().step(fb)] == ["u"]
+    assert [r for r, _, _ in Coverage().step(fb)] == ["u"]
 
 
 def test_more_extend_tokens_than_rows_is_an_error():
@@ -68,10 +68,22 @@ def test_more_extend_tokens_than_rows_is_an_error():
 def test_coverage_tells_radix_hits_from_earlier_chunks():
     cov = Coverage()
     skipped = cov.step(batch("extend", ["a", "b"], ext=[4, 3], prefix=[0, 6]))
-    assert [(r, p.tolist()) for r, p in skipped] == [("b", [0, 1, 2, 3, 4, 5])]  # b: cache hit
+    assert [(r, p.tolist(), why) for r, p, why in skipped] == [("b", [0, 1, 2, 3, 4, 5], "prefix_cache")]
     assert cov.step(batch("extend", ["a"], ext=[4], prefix=[4])) == []           # a: second chunk
     assert cov.step(batch("decode", ["a", "b"], seq_lens=[9, 10])) == []
     assert cov.done == {"a": 9, "b": 10}
+
+
+def test_requests_in_flight_at_attach_report_their_unwatched_positions():
+    # "c" was mid chunked prefill and "d" decoding when the session opened; "e" arrives after
+    # with a radix-cache hit.
+    cov = Coverage(started={"c", "d"})
+    skipped = cov.step(batch("extend", ["c", "e"], ext=[4, 2], prefix=[8, 3]))
+    assert [(r, p.tolist(), why) for r, p, why in skipped] == [
+        ("c", list(range(8)), "before_attach"), ("e", [0, 1, 2], "prefix_cache")]
+    skipped = cov.step(batch("decode", ["c", "d"], seq_lens=[13, 6]))
+    assert [(r, p.tolist(), why) for r, p, why in skipped] == [("d", [0, 1, 2, 3, 4], "before_attach")]
+    assert cov.step(batch("decode", ["c", "d"], seq_lens=[14, 7])) == []
 
 
 def test_a_retracted_request_recomputed_is_recorded_once():
