@@ -85,7 +85,8 @@ def test_sliced_hooks_read_back_whole(tp_run):
         assert whole.shape == (run.num_rows("blocks.0.mlp.hook_post"), MLP)
         with pytest.raises(ValueError, match="different rows"):
             run.read_rows("blocks.0.attn.hook_q")
-        assert "blocks.0.attn.hook_q" in summarize(run)
+        text = summarize(run)
+        assert "blocks.0.attn.hook_q" in text and "tp.h5.rank1" in text
 
 
 def test_rank_zero_alone_and_a_missing_rank(tp_run):

@@ -35,6 +35,10 @@ def summarize(run: Run) -> str:
     ]
     if meta.get("created"):
         out.append(f"created:   {meta['created']}")
+    ranks = getattr(run, "ranks", None)
+    if ranks is not None:
+        out.append(f"ranks:     {len(ranks)} tensor-parallel files, merged ("
+                   + ", ".join(r.path for r in ranks[1:]) + " beside this one)")
     reqs = run.requests
     shown = ", ".join(reqs[:SHOWN_REQUESTS]) + (", ..." if len(reqs) > SHOWN_REQUESTS else "")
     out.append(f"requests:  {len(reqs)}" + (f"  ({shown})" if reqs else ""))
