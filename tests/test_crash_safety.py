@@ -81,3 +81,24 @@ def test_an_idle_engine_leaves_nothing_uncommitted(load, out):
                 break
             time.sleep(0.2)
         assert have == ["0"] and not complete
+
+
+def test_a_live_reader_refreshes_to_see_new_rows(load, out):
+    """A reader kept open while the engine serves sees what was committed when it opened (or last
+    refreshed); refresh() catches up, and after close shows the run complete."""
+    model = load("qwen3")
+    hook = "blocks.0.hook_resid_post"
+    with dmi.attach(model, dmi.CaptureSpec(hooks=[hook], sink=out)) as s:
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        s.flush()
+        live = dmi.open(out)
+        assert live.requests == ["0"] and not live.complete
+        model.generate(torch.tensor([[4, 5]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        s.flush()
+        assert live.requests == ["0"]  # as of open
+        assert live.refresh().requests == ["0", "1"]
+        assert live.positions(hook, "1").tolist() == [0, 1, 2, 3]
+    assert live.refresh().complete
+    with dmi.open(out) as fresh:
+        assert torch.equal(live.get(hook, "1"), fresh.get(hook, "1"))
+    live.close()

@@ -57,6 +57,13 @@ class ShardedRun:
         for r in self.ranks:
             r.close()
 
+    def refresh(self) -> ShardedRun:
+        """Run.refresh for every rank's file."""
+        for r in self.ranks:
+            r.refresh()
+        self._held.clear()
+        return self
+
     def __enter__(self) -> ShardedRun:
         return self
 

@@ -150,6 +150,16 @@ class Run:
             old.close()
         self._f = _open_h5(self.path)
 
+    def refresh(self) -> Run:
+        """Catch up with a run another process is still writing: reopen the file and forget the
+        cached request list, hook list and indexes, so rows committed since are visible."""
+        self._reopen()
+        self._requests = self._request_pos = self._hooks = self._meta = None
+        self._index.clear()
+        self._steps.clear()
+        self._complete_at_open = bool(_attr_value(self.file.attrs.get("complete", False)))
+        return self
+
     def __enter__(self) -> Run:
         return self
 
