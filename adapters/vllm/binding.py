@@ -56,8 +56,8 @@ class Hooks:
             shard = shard_of(tap, self.full_dims, self.tp_size, self.tp_rank)
             if self.tp_rank > 0 and shard is None:
                 continue
-            out.append(VBinding(name, f"{path}:{'input' if tap.pre else 'output'}",
-                                row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path))
+            source = f"{path}.{tap.method}:return" if tap.method else f"{path}:{'input' if tap.pre else 'output'}"
+            out.append(VBinding(name, source, row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path))
         return out
 
 

@@ -1,7 +1,8 @@
 """Worker side: capture next to the model, in the process that runs it.
 
-One WorkerAdapter per worker process installs forward hooks on the loaded model and wraps
-two of the model runner's methods (instance attributes, removed on disarm):
+One WorkerAdapter per worker process installs forward hooks on the loaded model (and, for MoE
+top-k, wraps the fused-MoE router's `select_experts` on its instance) and wraps two of the
+model runner's methods (instance attributes, removed on disarm):
 - `execute_model(scheduler_output)`: one engine step; its `finally` ends the step, also
   when the forward raised, and finished requests leave the row book;
 - `_model_forward(...)`: the forward itself, which starts the step with the row table
