@@ -22,6 +22,16 @@ class Dims:
 
 
 
+def q_row(d: Dims) -> tuple[int, int]:
+    """One token's row of query heads (also the attention output z): [heads, head_dim]."""
+    return (d.n_heads, d.head_dim)
+
+
+def kv_row(d: Dims) -> tuple[int, int]:
+    """One token's row of key or value heads: [kv_heads, head_dim]."""
+    return (d.n_kv_heads, d.head_dim)
+
+
 def llama_like_dims(cfg) -> Dims:
     heads = cfg.num_attention_heads
     return Dims(

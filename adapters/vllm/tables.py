@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dmi.dims import Dims, llama_like_dims
+from dmi.dims import Dims, kv_row, llama_like_dims, q_row
 
 L = "model.layers.{L}"
 
@@ -43,21 +43,13 @@ class VTap:
         return self.read in ("in0", "in_sum", "resid_in")
 
 
-def _q(d: Dims):
-    return (d.n_heads, d.head_dim)
-
-
-def _kv(d: Dims):
-    return (d.n_kv_heads, d.head_dim)
-
-
 LLAMA_LIKE: dict[str, VTap] = {
     "hook_embed": VTap("model.embed_tokens", "out"),
     "hook_resid_pre": VTap(L, "resid_in"),
-    "attn.hook_q": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:0", shape=_q, shard="heads"),
-    "attn.hook_k": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:1", shape=_kv, shard="kv_heads"),
-    "attn.hook_v": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:2", shape=_kv, shard="kv_heads"),
-    "attn.hook_z": VTap(L + ".self_attn.o_proj", "in0", view="heads", shape=_q, shard="heads"),
+    "attn.hook_q": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:0", shape=q_row, shard="heads"),
+    "attn.hook_k": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:1", shape=kv_row, shard="kv_heads"),
+    "attn.hook_v": VTap(L + ".self_attn.qkv_proj", "out", view="qkv:2", shape=kv_row, shard="kv_heads"),
+    "attn.hook_z": VTap(L + ".self_attn.o_proj", "in0", view="heads", shape=q_row, shard="heads"),
     "hook_attn_out": VTap(L + ".self_attn", "out"),
     "hook_resid_mid": VTap(L + ".post_attention_layernorm", "in_sum"),
     "mlp.hook_post": VTap(L + ".mlp.down_proj", "in0", shape=lambda d: (d.intermediate,), dense_only=True,
@@ -70,8 +62,8 @@ LLAMA_LIKE: dict[str, VTap] = {
 
 # Qwen3 normalises q and k per head before rotary; attention consumes the normalised heads.
 QWEN3_QK = {
-    "attn.hook_q": VTap(L + ".self_attn.q_norm", "out", view="heads", shape=_q, shard="heads"),
-    "attn.hook_k": VTap(L + ".self_attn.k_norm", "out", view="kv_heads", shape=_kv, shard="kv_heads"),
+    "attn.hook_q": VTap(L + ".self_attn.q_norm", "out", view="heads", shape=q_row, shard="heads"),
+    "attn.hook_k": VTap(L + ".self_attn.k_norm", "out", view="kv_heads", shape=kv_row, shard="kv_heads"),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from dmi.dims import Dims, llama_like_dims  # noqa: F401  (shared by every engine's tables)
+from dmi.dims import Dims, kv_row, llama_like_dims, q_row  # noqa: F401  (shared by every engine's tables)
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ class ArchTable:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def _q(d: Dims):
-    return (d.n_heads, d.head_dim)
-
-
-def _kv(d: Dims):
-    return (d.n_kv_heads, d.head_dim)
-
-
 L = "model.layers.{L}"
 
 # Llama-style decoder (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE attention): pre-norm blocks,
@@ -51,10 +43,10 @@ L = "model.layers.{L}"
 LLAMA_LIKE: dict[str, Tap] = {
     "hook_embed": Tap("model.embed_tokens"),
     "hook_resid_pre": Tap(L, io="input", index=0, kw="hidden_states"),
-    "attn.hook_q": Tap(L + ".self_attn.q_proj", view="heads", shape=_q),
-    "attn.hook_k": Tap(L + ".self_attn.k_proj", view="kv_heads", shape=_kv),
-    "attn.hook_v": Tap(L + ".self_attn.v_proj", view="kv_heads", shape=_kv),
-    "attn.hook_z": Tap(L + ".self_attn.o_proj", io="input", index=0, view="heads", shape=_q),
+    "attn.hook_q": Tap(L + ".self_attn.q_proj", view="heads", shape=q_row),
+    "attn.hook_k": Tap(L + ".self_attn.k_proj", view="kv_heads", shape=kv_row),
+    "attn.hook_v": Tap(L + ".self_attn.v_proj", view="kv_heads", shape=kv_row),
+    "attn.hook_z": Tap(L + ".self_attn.o_proj", io="input", index=0, view="heads", shape=q_row),
     "attn.hook_pattern": Tap(L + ".self_attn", index=1, view="pattern", shape=lambda d: (d.n_heads, 1),
                              eager_only=True),
     "hook_attn_out": Tap(L + ".self_attn", index=0),

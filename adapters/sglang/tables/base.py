@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from dmi.dims import Dims, llama_like_dims  # same config fields as HF
+from dmi.dims import Dims, kv_row, llama_like_dims, q_row  # same config fields as HF
 
 __all__ = ["LLAMA_LIKE", "Dims", "SGLangTable", "STap", "Where", "at", "llama_like_dims", "resid_after"]
 
@@ -59,14 +59,6 @@ def resid_before(layer: int | None, d: Dims) -> Where:
     return resid_after(layer - 1, d)
 
 
-def _q(d: Dims):
-    return (d.n_heads, d.head_dim)
-
-
-def _kv(d: Dims):
-    return (d.n_kv_heads, d.head_dim)
-
-
 L = "model.layers.{L}"
 
 # Llama-style decoders in SGLang (Llama, Qwen2): fused qkv_proj returning (out, bias),
@@ -74,10 +66,10 @@ L = "model.layers.{L}"
 LLAMA_LIKE: dict[str, STap] = {
     "hook_embed": STap(at("model.embed_tokens")),
     "hook_resid_pre": STap(resid_before),
-    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=_q),
-    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=_kv),
-    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=_kv),
-    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=_q),
+    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=q_row),
+    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=kv_row),
+    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=kv_row),
+    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=q_row),
     "hook_attn_out": STap(at(L + ".self_attn")),
     "hook_resid_mid": STap(at(L + ".post_attention_layernorm", index=1)),
     "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,)),
