@@ -84,8 +84,8 @@ class VllmAdapter(RemoteAdapter):
             _predicate(spec.requests.predicate)
         plugins.sink_for(spec.sink)  # a sink creates nothing before open()
         tp = self.vllm_config.parallel_config.tensor_parallel_size
-        for rank in range(1, tp):
-            rank_sink(spec.sink, rank, tp)
+        if tp > 1:
+            rank_sink(spec.sink, 1, tp)  # every rank past 0 names its file the same way
 
 
 class VllmSession(RemoteSession):
