@@ -21,11 +21,29 @@ def attach(engine, spec=None, *, progress: bool = False):
     from dmi.session import Session
 
     spec = CaptureSpec.parse(spec)
+    wrapper = None
+    if _is_compiled_module(engine):  # torch.compile(model): capture the model, bracket the wrapper's calls
+        wrapper, engine = engine, engine._orig_mod
     adapter = plugins.adapter_for(engine)
+    if wrapper is not None:
+        if not hasattr(adapter, "wrappers"):
+            from dmi.errors import EngineNotSupportedError
+
+            raise EngineNotSupportedError(f"dmi's {adapter.engine_name} adapter cannot capture through a "
+                                          f"torch.compile wrapper; attach the module itself and compile after")
+        adapter.wrappers.append(wrapper)
     if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
         return adapter.open_session(spec, progress=progress)
     sink = plugins.sink_for(spec.sink)
     return Session(engine, adapter, spec, sink, progress=progress)
+
+
+def _is_compiled_module(engine) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:
+        return False
+    return isinstance(engine, OptimizedModule)
 
 
 def open(path, merge_ranks: bool = True):  # noqa: A001  (dmi.open is the public name)

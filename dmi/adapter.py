@@ -23,6 +23,9 @@ class Binding:
     # Tensor parallel: this rank holds only a slice of the row, (dim, start, stop, full) along
     # one row dim; dmi.open puts the ranks' slices back together. None: the whole row.
     shard: tuple[int, int, int, int] | None = None
+    # Which of the step's row tables this hook's tensor rows follow: "tokens" (every token row of
+    # the step) or "logits" (rows the engine addresses per request, e.g. each request's last token).
+    group: str = "tokens"
 
 
 class Adapter:
@@ -32,9 +35,13 @@ class Adapter:
     flush() -> disarm().
 
     Invariants an adapter keeps (dmi.testing.run_conformance checks them):
-    - before each engine step, session.begin_step(RowTable) names the request, position and
-      phase of every token row; padding rows have request -1 and are never recorded;
-    - inside the step, session.capture(i, x) receives binding i's tensor, rows in RowTable order;
+    - before each engine step, outside any compiled region, session.begin_step(RowTable,
+      groups={"logits": RowTable}) names the request, position and phase of every token row (and
+      of every row of the other row groups its bindings use); padding rows have request -1 and
+      are never recorded. The session plans the whole step then;
+    - inside the step, binding i's capture point launches dmi::capture on its tensor (rows in its
+      group's table order) with the plan's tensors: `session.capture(i, x)` does exactly that,
+      and so may a compiled graph (`session.capture_args(i)`);
     - after the step, session.end_step(), also when the forward raised;
     - request ids are the engine's own user-facing ids; positions count the request's real
       tokens from 0;

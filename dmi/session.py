@@ -1,7 +1,8 @@
-"""A capture session: owns the ring, the drain and the sink for one attached engine.
+"""A capture session: owns the plan, the ring, the drain and the sink for one attached engine.
 
-The adapter drives it once per engine step: begin_step(rows) before the forward,
-capture(i, tensor) from inside it (through the capture op), end_step() after.
+The adapter drives it once per engine step, outside any compiled region:
+begin_step(rows) plans the whole step before the forward; inside it each capture point only
+launches `dmi::capture` with the plan's tensors; end_step() seals the step's frame for the drain.
 """
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from dmi import __version__
 from dmi.drain import Drain
 from dmi.errors import RingTooSmallError, SessionStateError, SpecError
 from dmi.kernels.capture_op import CTRL_WIDTH, capture as capture_op
-from dmi.policies import Accounting, RowFilter
-from dmi.ring import FrameRing, PayloadRing, Slot, StepPlan
-from dmi.ring.frames import Marker, RowTable
-from dmi.ring.upload import PinnedUpload
+from dmi.plan import TOKENS, Frame, Planner, RowTable
+from dmi.policies import BLOCK_TIMEOUT_S, Accounting, Overload, RowFilter
+from dmi.ring import FrameRing, Marker, PayloadRing
 from dmi.sinks.base import GapBlock, HookInfo, RunMeta
 
 log = logging.getLogger("dmi")
@@ -29,7 +29,11 @@ log = logging.getLogger("dmi")
 # One session per engine: a second would interleave two books on one set of hooks.
 _ARMED: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
 
-BLOCK_TIMEOUT_S = 60.0  # `block` waits this long for ring space before counting a drop
+CLOSE_TIMEOUT_S = 120.0  # a drain that stops answering is given up on after this long at close
+
+
+class ConcurrentStepError(SessionStateError):
+    """A second thread started a step while another thread's step was in flight."""
 
 
 class Session:
@@ -44,7 +48,8 @@ class Session:
 
         # Validate everything before touching the engine, so bad input leaves it as it was.
         self.bindings = adapter.bind(spec.hooks)
-        need = sum(PayloadRing.aligned(b.row_bytes) for b in self.bindings)
+        header = PayloadRing.aligned(8 * len(self.bindings))
+        need = header + sum(PayloadRing.aligned(b.row_bytes) for b in self.bindings)
         if need > spec.ring.bytes:
             raise RingTooSmallError(
                 "ring.bytes", f"{spec.ring.bytes} bytes cannot hold one token row of the selected hooks "
@@ -52,30 +57,31 @@ class Session:
                 f"or select fewer hooks")
         self.names = [b.name for b in self.bindings]
         self.fallback_hooks = self._check_fallback(spec)
-        self.filter = RowFilter(spec, predicate=_predicate(spec.requests.predicate))
-        self.degraded = False
-        self._waits_seen = 0
         self.acct = Accounting()
         self.sink = sink
-
         name, config = adapter.describe()
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
-        self._upload = PinnedUpload(self.ring.buffer.device) if self._on_gpu else None
-        self._graph = None
-        self.ctrl = torch.zeros((len(self.bindings), CTRL_WIDTH), dtype=torch.int64)
-        self._ctrl_np = self.ctrl.numpy()  # same memory; numpy stores cost 0.1 us, tensor stores 2 us
-        self.frames = FrameRing()
+        self.overload = Overload(spec, self.ring, self.acct)
+        self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
+                               self.overload, self.ring.buffer.device, self.fallback_hooks)
         self.hook_infos: dict[int, HookInfo] = {}
+        for i, b in enumerate(self.bindings):
+            if b.row_shape is not None and b.dtype is not None:
+                self._info_from(i, b.dtype, tuple(b.row_shape))
         sink.open(RunMeta(dmi_version=__version__, engine=adapter.engine_name, model=name, model_config=config,
                           spec_json=spec.to_json(),
                           extra={"hooks": self.names, "sources": [b.source for b in self.bindings],
                                  **adapter.run_attrs()}))
-        self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos,
+        self.frames = FrameRing()
+        self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos, self.names,
                            host_bytes=spec.ring.bytes)
+        self.frames.alive = self.drain.alive
         self.drain.start()
         self.step = 0
-        self.plan: StepPlan | None = None
+        self.frame: Frame | None = None
+        self._owner: int | None = None   # the thread whose step is in flight
+        self._step_lock = threading.Lock()
         self._warned: set[str] = set()
         self.progress = None
         if progress:
@@ -106,121 +112,191 @@ class Session:
                                                         f"{fb.tokens!r} is not within {spec.tokens!r}")
         return {self.names.index(n) for n in names}
 
-    # -- driven by the adapter, on the engine's thread ---------------------------------
-    def begin_step(self, rows: RowTable) -> None:
-        keep, fallback = self.filter.keep(self.step, rows)
-        if fallback is not None:
-            self._update_degrade()
-        self.plan = StepPlan(self.step, rows, keep, reduced=fallback if self.degraded else None)
+    # -- the plan's tensors, for capture points --------------------------------------------
+    @property
+    def ctrl(self) -> torch.Tensor:
+        return self.planner.control.ctrl
 
-    def _update_degrade(self) -> None:
-        """Hysteresis between the watermarks: switch to the fallback above `high`, back below `low`.
-        A step whose capture had to wait for ring space counts as a full ring: at step start the
-        drain may just have freed the space the engine waited for, so fill alone can stay below
-        `high` while every step stalls."""
-        waited = self.ring.waits != self._waits_seen
-        self._waits_seen = self.ring.waits
-        fill = 1.0 if waited else self.ring.fill()
-        d = self.spec.degrade
-        if not self.degraded and fill >= d.high:
-            self.degraded = True
-            self.acct.switched(self.step, "fallback", fill)
-            log.warning("dmi: ring %.0f%% full at step %d: capturing the degrade fallback only", 100 * fill, self.step)
-        elif self.degraded and fill <= d.low:
-            self.degraded = False
-            self.acct.switched(self.step, "spec", fill)
+    def capture_args(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """What binding i's capture point passes to dmi::capture besides its tensor:
+        (ring, rows, ctrl, slot). Fixed while the session lives: a compiled graph takes them
+        as inputs, and the plan rewrites their contents each step."""
+        c = self.planner.control
+        return self.ring.buffer, c.rows, c.ctrl, i
 
-    def end_step(self) -> None:
-        if self.plan is not None:
-            if self._on_gpu and self.plan.stream is not None:
-                ev = torch.cuda.Event()
-                ev.record(self.plan.stream)  # the drain waits on this, never on the stream
-                self.plan.done_event = ev
-            self.plan = None
-            self.frames.seal()
-            self.step += 1
-            self.acct.steps = self.step
-
-    def capture(self, i: int, x: torch.Tensor, flat: bool = False, rows: np.ndarray | None = None) -> None:
-        """Capture hook i's tensor: [batch, t, ...] holding the step's last t tokens of each
-        batch row, or [batch*t, ...] when flat; or, with `rows`, [n, ...] whose row k is the
-        step's RowTable row rows[k] (-1 for padding), e.g. one logits row per request."""
-        plan = self.plan
-        if plan is None or self.closed:
+    # -- driven by the adapter, on the engine's thread, outside compiled code ----------------
+    def begin_step(self, rows: RowTable, groups: dict[str, RowTable] | None = None) -> None:
+        """Plan the whole step: `rows` are its token rows; `groups` the tables of other row
+        groups the bindings use (e.g. {"logits": one row per request})."""
+        if self.closed:
             return
+        self.acquire_step()
+        tables = {TOKENS: rows, **(groups or {})}
+        # Once the sink has failed nothing can be written: plan no ring space, count the rows.
+        alive = self.drain.alive if self.drain.sink_failed is None else (lambda: False)
+        frame = self.planner.plan(self.step, tables, alive)
+        if self._on_gpu:
+            frame.stream = torch.cuda.current_stream(self.ring.buffer.device)
+        self._account_plan(frame)
+        self.frame = frame
+
+    def _account_plan(self, frame: Frame) -> None:
+        acct, sink_failed = self.acct, self.drain.sink_failed is not None
+        for h in frame.hooks:
+            name = self.names[h.hook]
+            table = frame.tables[h.group]
+            if len(h.lost):
+                self._gap(frame, name, table, h.lost, "degraded")
+            n = len(h.src)
+            if h.dynamic or not n:
+                acct.captured(name, h.produced, h.filtered, 0, 0)
+            elif h.offset is not None or h.reason == "deferred":
+                acct.captured(name, h.produced, h.filtered, n, h.nbytes)
+            else:
+                reason = "sink_error" if sink_failed else (h.reason or "ring_full")
+                if reason == "oversize":
+                    self._warn_once("oversize:" + name, f"dmi: {name}: one step's rows need {h.nbytes} bytes, more "
+                                                        f"than ring.bytes={self.ring.capacity} holds with the other "
+                                                        f"hooks; those rows are dropped and recorded as gaps. Raise "
+                                                        f"ring.bytes.")
+                self._gap(frame, name, table, h.src, reason, produced=h.produced, filtered=h.filtered)
+
+    def capture(self, i: int, x: torch.Tensor, flat: bool = False) -> None:
+        """Capture binding i's tensor: [batch, t, ...] (or [rows, ...] when flat) whose rows are
+        its row group's rows. For fixed-layout hooks this is exactly one dmi::capture launch."""
+        frame = self.frame
+        if frame is None:
+            return
+        rows_x = x if flat or x.dim() < 2 else x.flatten(0, 1)
+        h = frame.hooks[i]
+        if h.dynamic:
+            return self._capture_dynamic(frame, i, rows_x)
+        if h.reason == "deferred":
+            self._next_part(frame, i)
+        c = self.planner.control
+        capture_op(self.ring.buffer, rows_x, c.rows, c.ctrl, i)
+        h.fired = True
+
+    def _next_part(self, frame: Frame, i: int) -> None:
+        """The step is larger than the ring: hand the part written so far to the drain, then
+        wait for room for the next hooks (eager forwards only; see policies/overload.py)."""
+        frame.final = False
+        self.planner.split(frame)
+        self._push(frame)
+        part, failed = self.planner.next_part(frame, i, self.drain.alive)
+        for h in failed:
+            self.acct.dropped(self.names[h.hook], len(h.src), h.reason, in_flight=True)
+            self._gap_rows(part, self.names[h.hook], frame.tables[h.group], h.src, h.reason)
+        self.frame = part
+
+    def _capture_dynamic(self, frame: Frame, i: int, rows_x: torch.Tensor) -> None:
+        """Eager-only path for hooks whose row layout is known only now (module:, HookPoint,
+        attention patterns): ring space is placed when the hook fires."""
+        h = frame.hooks[i]
         name = self.names[i]
-        B, T = plan.rows.batch, plan.rows.tokens
-        if rows is not None:
-            t, rows_x = T, x
-            ok = x.dim() >= 1 and x.shape[0] == len(rows)
-        elif flat:
-            t = x.shape[0] // B if B else 0
-            rows_x = x
-            ok = x.shape[0] == B * t
-        else:
-            t = x.shape[1] if x.dim() > 1 else 0
-            rows_x = x.flatten(0, 1) if x.dim() > 1 else x
-            ok = x.dim() > 1 and x.shape[0] == B
-        if not ok or not 0 < t <= T:
-            self._warn_once(name, f"dmi: {name}: tensor of shape {tuple(x.shape)} does not map onto the step's "
-                                  f"{B}x{T} token rows; its rows are dropped and recorded (reason 'shape')")
-            sel = plan.select(T)
-            self._gap(name, sel.token_idx, plan, "shape", produced=sel.produced, filtered=sel.filtered)
+        n = len(h.src)
+        if h.offset is not None or h.reason is not None or not n:
+            return  # fired twice in one step, or nothing to keep
+        if frame.offset is None:
+            h.reason = "ring_full"
+            self._gap(frame, name, frame.tables[h.group], h.src, h.reason)
             return
-        fallback = i in self.fallback_hooks
-        sel = plan.select(t, fallback) if rows is None else plan.select_rows(rows, fallback)
-        if self.drain.sink_failed is not None:
-            # Nothing can be written any more: stop copying, keep counting (reported once).
-            self.acct.dropped(name, len(sel.token_idx) + len(sel.lost_idx), "sink_error", produced=sel.produced,
-                              filtered=sel.filtered)
-            return
-        info = self._info(i, rows_x)
-        if len(sel.lost_idx):
-            self._gap(name, sel.lost_idx, plan, "degraded")
-        n = len(sel.token_idx)
-        if n == 0:
-            self.acct.captured(name, sel.produced, sel.filtered, 0, 0)
+        table = frame.tables[h.group]
+        if rows_x.shape[0] != table.n_rows:
+            self._warn_once("shape:" + name, f"dmi: {name}: a tensor of {rows_x.shape[0]} rows does not map onto "
+                                             f"the step's {table.n_rows} rows; its rows are dropped and recorded "
+                                             f"(reason 'shape')")
+            h.reason = "shape"
+            self._gap(frame, name, table, h.src, "shape")
             return
         row_bytes = math.prod(rows_x.shape[1:]) * rows_x.element_size()
         nbytes = n * row_bytes
-        # `degrade` blocks once reduced to its fallback: the fallback is the declared minimum.
-        off = self.ring.alloc(nbytes, wait=self.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
-                              alive=self.drain.alive, before_wait=self.frames.seal)
+        held = sum(PayloadRing.aligned(b) for _, b in frame.ranges())
+        if PayloadRing.aligned(nbytes) + held > self.ring.capacity:
+            off = None  # can never fit while this step's own frame is held
+        else:
+            off = self.ring.alloc(nbytes, wait=self.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
+                                  alive=self.drain.alive)
         if off is None:
-            self.frames.seal()  # let the drain free what this step already wrote
-            self._drop(name, sel, plan, nbytes)
+            h.reason = "oversize" if PayloadRing.aligned(nbytes) + held > self.ring.capacity else "ring_full"
+            self._gap(frame, name, table, h.src, h.reason)
             return
-        self._ctrl_np[i] = (1, off, n)
-        src = sel.src_rows
-        if self._on_gpu:
-            self._track_stream(plan)
-            if sel.src_dev is None:
-                sel.src_dev = self._upload.put(sel.src_rows.numpy())
-            src = sel.src_dev
-        capture_op(self.ring.buffer, rows_x, src, self.ctrl, i)
-        self.acct.captured(name, sel.produced, sel.filtered, n, nbytes)
-        self.frames.put(Slot(plan, i, off, nbytes, tuple(rows_x.shape[1:]), rows_x.dtype, sel.token_idx,
-                             pattern_batch=sel.token_idx // T if info.ragged else None))
+        self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
+        self.planner.place_dynamic(frame, h, off, nbytes, rows_x.shape[0], row_bytes, rows_x.shape[1:],
+                                   rows_x.dtype)
+        self.acct.captured(name, 0, 0, n, nbytes)
+        c = self.planner.control
+        capture_op(self.ring.buffer, rows_x, c.rows, c.ctrl, i)
 
-    def _track_stream(self, plan: StepPlan) -> None:
-        """GPU: the stream this step's captures are enqueued on; end_step records its event there."""
-        if plan.stream is None:
-            plan.stream = torch.cuda.current_stream(self.ring.buffer.device)
+    def acquire_step(self) -> None:
+        """Steps of one session never overlap: a second thread's forward waits here until the
+        first thread's step has ended (each thread keeps its own row state in the adapter), so
+        concurrent callers are served one step at a time and each row keeps its request. An
+        adapter that builds its row table from shared state calls this before building it."""
+        me = threading.get_ident()
+        if self._owner == me:
+            if self.frame is not None:  # the previous step never ended (its forward raised early)
+                self._seal(self.frame)
+            return
+        if not self._step_lock.acquire(timeout=BLOCK_TIMEOUT_S):
+            raise ConcurrentStepError(
+                f"dmi: another thread's forward on this attached engine has held its step for {BLOCK_TIMEOUT_S:.0f} s; "
+                f"concurrent callers are served one step at a time, and that step never ended")
+        self._owner = me
 
-    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache") -> None:
+    def end_step(self) -> None:
+        if self._owner != threading.get_ident():
+            return  # not this thread's step (its begin was refused)
+        frame = self.frame
+        self._owner = None
+        try:
+            if frame is not None:
+                self._seal(frame)
+        finally:
+            self._step_lock.release()
+
+    def _seal(self, frame: Frame) -> None:
+        self.frame = None
+        for h in frame.hooks:
+            if h.dynamic and h.offset is None and h.reason is None and len(h.src):
+                # an eager-only hook with rows whose capture point never ran
+                h.reason = "not_captured"
+                self._gap(frame, self.names[h.hook], frame.tables[h.group], h.src, "not_captured")
+            elif h.reason == "deferred":
+                # never placed: a compiled forward cannot split a step larger than the ring
+                h.reason = "oversize"
+                self._warn_once("deferred:" + self.names[h.hook],
+                                f"dmi: {self.names[h.hook]}: a compiled step's rows need more than ring.bytes="
+                                f"{self.ring.capacity} with the other hooks; those rows are dropped and recorded "
+                                f"as gaps (an eager forward would wait for the drain). Raise ring.bytes.")
+                self.acct.dropped(self.names[h.hook], len(h.src), "oversize", in_flight=True)
+                self._gap_rows(frame, self.names[h.hook], frame.tables[h.group], h.src, "oversize")
+        self.planner.disable()
+        self._push(frame)
+        self.step += 1
+        self.acct.steps = self.step
+
+    def _push(self, frame: Frame) -> None:
+        if self._on_gpu and frame.stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(frame.stream)  # the drain waits on this, never on the stream
+            frame.done_event = ev
+        if not self.frames.put(frame):
+            self.drain.lost(frame, "drain_stopped")
+
+    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache", hooks=None) -> None:
         """Record that the engine did not compute these positions of a request (served from a
-        prefix cache), for every hook: a reader sees them as gaps with `reason`, never as silently
-        missing. They were never produced, so produced = filtered + written + dropped is unchanged;
-        stats()["not_computed"] counts them per reason."""
+        prefix cache), for every hook (or `hooks`, indices): a reader sees them as gaps with
+        `reason`, never as silently missing. They were never produced, so produced = filtered +
+        written + dropped is unchanged; stats()["not_computed"] counts them per reason."""
         pos = np.asarray(positions, dtype=np.int64)
         if self.closed or not len(pos):
             return
-        self.acct.skipped(len(pos) * len(self.names), reason)
-        for name in self.names:
-            self.frames.put(GapBlock(name, [request_id] * len(pos), pos, np.full(len(pos), self.step, np.int64), reason))
-
-    def _info(self, i: int, rows_x: torch.Tensor) -> HookInfo:
-        return self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
+        names = self.names if hooks is None else [self.names[i] for i in hooks]
+        self.acct.skipped(len(pos) * len(names), reason)
+        for name in names:
+            self.frames.put(GapBlock(name, [request_id] * len(pos), pos, np.full(len(pos), self.step, np.int64),
+                                     reason))
 
     def _info_from(self, i: int, dtype: torch.dtype, row_shape: tuple[int, ...]) -> HookInfo:
         info = self.hook_infos.get(i)
@@ -231,35 +307,21 @@ class Session:
             self.hook_infos[i] = info
         return info
 
-    def graph_plan(self):
-        """The device-side plan for captures inside CUDA graphs (dmi.ring.graphplan), made once."""
-        if self._graph is None:
-            from dmi.ring.graphplan import GraphPlan
-
-            self._graph = GraphPlan(self)
-        return self._graph
-
-    def _drop(self, name: str, sel, plan: StepPlan, nbytes: int) -> None:
-        if PayloadRing.aligned(nbytes) > self.ring.capacity:
-            reason = "oversize"
-            self._warn_once("oversize:" + name, f"dmi: {name}: one step's rows need {nbytes} bytes, more than "
-                                                f"ring.bytes={self.ring.capacity}; those rows are dropped and "
-                                                f"recorded as gaps. Raise ring.bytes.")
-        elif not self.drain.alive():
-            reason = "drain_stopped"
-        else:
-            reason = "ring_full"
-        self._gap(name, sel.token_idx, plan, reason, produced=sel.produced, filtered=sel.filtered)
-
-    def _gap(self, name: str, token_idx: np.ndarray, plan: StepPlan, reason: str, produced: int = 0,
+    def _gap(self, frame: Frame, name: str, table: RowTable, idx: np.ndarray, reason: str, produced: int = 0,
              filtered: int = 0) -> None:
-        """Count rows as dropped and record which (request, position, step) they were."""
-        t = plan.rows
-        requests = [t.request_ids[r] for r in t.request[token_idx]]
-        n = len(token_idx)
-        self.acct.dropped(name, n, reason, produced=produced, filtered=filtered, requests=requests)
-        self.frames.put(GapBlock(name, requests, t.position[token_idx].astype(np.int64),
-                                 np.full(n, plan.step, np.int64), reason))
+        """Count rows as dropped and record which (request, position, step) they were; the
+        record travels with the step's frame."""
+        requests = [table.request_ids[r] for r in table.request[idx]]
+        self.acct.dropped(name, len(idx), reason, produced=produced, filtered=filtered, requests=requests)
+        self._gap_rows(frame, name, table, idx, reason, requests)
+
+    @staticmethod
+    def _gap_rows(frame: Frame, name: str, table: RowTable, idx: np.ndarray, reason: str, requests=None) -> None:
+        """Record (not count) which rows are missing, with the step's frame."""
+        if requests is None:
+            requests = [table.request_ids[r] for r in table.request[idx]]
+        frame.gaps.append(GapBlock(name, requests, table.position[idx].astype(np.int64),
+                                   np.full(len(idx), frame.step, np.int64), reason))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -269,16 +331,29 @@ class Session:
 
     # -- user-facing ------------------------------------------------------------------
     def stats(self) -> dict:
-        return self.acct.snapshot(self.ring)
+        snap = self.acct.snapshot(self.ring)
+        snap["host_copies_per_row"] = self.drain.copies_per_row()
+        return snap
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until everything captured so far is written and readable."""
         if self.closed:
             return
         self.adapter.flush()
+        self._wait_marker("flush", timeout)
+
+    def _wait_marker(self, kind: str, timeout: float | None) -> bool:
+        """Send a marker through drain and sink; wait for it while they live."""
         done = threading.Event()
-        self.frames.put(Marker("flush", done))
-        done.wait(timeout)
+        if not self.frames.put(Marker(kind, done)):
+            return False
+        limit = CLOSE_TIMEOUT_S if timeout is None else timeout
+        waited = 0.0
+        while not done.wait(0.05):
+            waited += 0.05
+            if not self.drain.alive() or waited >= limit:
+                return False
+        return True
 
     def close(self) -> None:
         """Detach: remove every capture point, write out everything captured, close the sink."""
@@ -286,13 +361,14 @@ class Session:
             if self.closed:
                 return
             self.closed = True
-        self.plan = None
         try:
             try:
                 self.adapter.flush()
             finally:
                 self.adapter.disarm()
         finally:
+            if self.frame is not None:
+                self._seal(self.frame)
             _ARMED.pop(id(self.engine), None)
             self._shutdown(complete=True)
 
@@ -302,18 +378,19 @@ class Session:
         self.closed = True
         if self.progress is not None:
             self.progress.stop()
-        done = threading.Event()
-        self.frames.put(Marker("stop", done))
-        done.wait()
-        self.drain.join()
-        failed = self.drain.sink_failed is not None
+        stopped = self._wait_marker("stop", None)
+        self.drain.join(5.0)
+        if not stopped:
+            self.drain.abandon()
+        failed = self.drain.sink_failed is not None or self.drain.error is not None
         try:
-            self.sink.close(self.acct.snapshot(self.ring), complete=complete and not failed)
+            self.sink.close(self.stats(), complete=complete and not failed and stopped)
         except Exception as e:  # a sink that failed before fails again here: report, don't raise
             self.acct.error(f"sink close failed: {type(e).__name__}: {e}")
             log.error("dmi: closing the sink failed: %s; what it committed before stays readable", e)
         finally:
-            self.ring.close()
+            if stopped:
+                self.ring.close()
 
     def __enter__(self) -> "Session":
         return self
@@ -348,3 +425,6 @@ def _predicate(name: str | None):
         raise SpecError("requests.predicate", f"no plugin registers a request predicate named {name!r}; "
                                               f"registered: {', '.join(sorted(found)) or 'none'}")
     return found[name]
+
+
+__all__ = ["Session", "ConcurrentStepError", "CTRL_WIDTH"]

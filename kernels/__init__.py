@@ -2,8 +2,9 @@
 
 `dmi::capture` is a torch.library op that mutates the ring, with a fake impl, so
 torch.compile keeps it as one opaque node (never traced through, never reordered away)
-and a CUDA graph records it as a kernel. Where a row goes is read from a small control
-tensor the host updates per step, so a replayed graph writes each step to the right place.
+and a CUDA graph records it as a kernel. Where a hook's rows go is read from the step's plan
+(a small control table the host writes before each forward), so a replayed graph writes each
+step to the right place. No other dmi code runs inside a forward.
 """
 if __name__ == "kernels":
     # Python run from the repository root sees this folder as a top-level "kernels", which
@@ -12,7 +13,6 @@ if __name__ == "kernels":
     # and register nothing: the op belongs to dmi.kernels alone.
     __file__ = None
 else:
-    from . import host_ops
-    from .capture_op import CTRL_COUNT, CTRL_ENABLED, CTRL_OFFSET, CTRL_WIDTH, capture, capture_reference
+    from .capture_op import CTRL_WIDTH, capture, capture_reference
 
-    __all__ = ["capture", "capture_reference", "host_ops", "CTRL_ENABLED", "CTRL_OFFSET", "CTRL_COUNT", "CTRL_WIDTH"]
+    __all__ = ["capture", "capture_reference", "CTRL_WIDTH"]

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from dmi.ring.frames import DECODE, PREFILL, RowTable
+from dmi.plan.rows import DECODE, PREFILL, RowTable
 
 
 class TokenMask:

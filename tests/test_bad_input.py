@@ -21,7 +21,7 @@ def _untouched(model):
     ({"hooks": ["blocks.*.mlp.hook_router_logits"]}, UnknownHookError, ["matches no hook"]),
     ({"hooks": ["module:model.layers.0.mlpp"]}, UnknownHookError, ["model.layers.0.mlp"]),
     ({"hooks": ["blocks.0.attn.hook_pattern"]}, SpecError, ["eager"]),
-    ({"hooks": ["hook_logits"], "ring": {"bytes": 1000}}, RingTooSmallError, ["ring.bytes", "1280"]),
+    ({"hooks": ["hook_logits"], "ring": {"bytes": 1000}}, RingTooSmallError, ["ring.bytes", "1344"]),
     ({"tokens": "middle"}, SpecError, ["tokens", "'last'"]),
     ({"requests": {"sample": 1.5}}, SpecError, ["requests.sample"]),
     ({"requests": {"sample": -0.1}}, SpecError, ["requests.sample"]),

@@ -50,7 +50,7 @@ def test_exception_inside_forward_keeps_session_usable(load, tmp_path):
             assert "engine fault" in str(e)
         finally:
             h.remove()
-        assert s.plan is None  # the step was closed although the forward raised
+        assert s.frame is None  # the step was closed although the forward raised
         with torch.no_grad():
             model(torch.tensor([[4, 5]]))
     run = dmi.open(out)

@@ -305,7 +305,6 @@ def test_big_block_bypasses_buffer_and_keeps_order(tmp_path: Path) -> None:
         data = rng.standard_normal((n, 1000), dtype=np.float32)
         written.append(data.copy())
         sink.write(RowBlock(info, data, ["r"] * n, np.arange(pos, pos + n), np.full(n, step)))
-        data[:] = np.nan   # the caller reuses its buffer right after write() returns
         pos += n
     sink.close({})
     with open_run(path) as run:
@@ -315,25 +314,32 @@ def test_big_block_bypasses_buffer_and_keeps_order(tmp_path: Path) -> None:
         assert run.steps("hook_logits", "r").tolist() == [s for s, n in enumerate(sizes) for _ in range(n)]
 
 
-def test_regenerated_values_match(tmp_path: Path) -> None:
-    """Buffered copies must hold the values at write() time even if the caller mutates later."""
+def test_blocks_are_handed_over_without_a_copy(tmp_path: Path) -> None:
+    """A block is handed over (the drain never reuses it): the sink keeps small blocks by
+    reference until their append, so the drain's copy out of the ring is the only host copy."""
     path = tmp_path / "copy.h5"
     sink = HDF5Sink(str(path), chunk_bytes=1 << 20)
     sink.open(make_meta())
     buf = np.arange(16, dtype=np.float32).reshape(2, 8)
     sink.write(RowBlock(F32, buf, ["r", "r"], np.array([0, 1]), np.array([0, 0])))
-    buf[:] = -1
+    buf[:] = -1   # visible in the file: the sink held the caller's array, not a copy
     sink.close({})
+    assert sink.copied_bytes == 0
     with open_run(path) as run:
-        assert run.get(F32.name, "r").flatten().tolist() == list(range(16))
+        assert run.get(F32.name, "r").flatten().tolist() == [-1.0] * 16
 
 
-def test_time_based_flush(tmp_path: Path) -> None:
+def test_rows_are_committed_only_by_flush(tmp_path: Path) -> None:
+    """write() never commits (the drain flushes between whole steps, every flush_every_s), so a
+    reader never sees a step torn across hooks."""
     path = tmp_path / "timed.h5"
     sink = HDF5Sink(str(path), chunk_bytes=1 << 24, flush_every_s=0.0)
     sink.open(make_meta())
     sink.write(RowBlock(F32, np.ones((3, 8), np.float32), ["r"] * 3, np.arange(3), np.zeros(3)))
-    with open_run(path) as run:   # no explicit flush(): the write itself flushed
+    with open_run(path) as run:
+        assert F32.name not in run.hooks or run.num_rows(F32.name) == 0
+    sink.flush()
+    with open_run(path) as run:
         assert run.num_rows(F32.name) == 3
         assert run.requests == ["r"]
     sink.close({})

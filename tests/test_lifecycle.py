@@ -51,7 +51,7 @@ def test_request_aborted_mid_stream(load, tmp_path):
         with pytest.raises(ConnectionAbortedError):
             model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
                            eos_token_id=NO_EOS, streamer=Abort())
-        assert s.plan is None
+        assert s.frame is None
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD, eos_token_id=NO_EOS)
     assert _dmi_threads() == []
     run = dmi.open(out)
@@ -102,7 +102,7 @@ def test_exception_in_generate_releases_everything(load, tmp_path):
     with pytest.raises(IndexError):  # a token id past the vocabulary: the embedding raises mid-forward
         model.generate(input_ids=torch.tensor([[1, 10_000]]), max_new_tokens=2, do_sample=False, pad_token_id=PAD,
                        eos_token_id=NO_EOS)
-    assert s.plan is None
+    assert s.frame is None
     s.close()
     assert _dmi_threads() == [] and s.ring.buffer is None
     assert dmi.open(out).complete

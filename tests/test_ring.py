@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmi.kernels.capture_op import capture, capture_reference
+from dmi.kernels.capture_op import capture, plan_row
 from dmi.ring import PayloadRing
 from dmi.ring.payload import ALIGN
 
@@ -55,73 +55,48 @@ def test_release_out_of_order_is_a_bug():
     raise AssertionError("out-of-order release not caught")
 
 
-@settings(max_examples=50, deadline=None)
-@given(rows=st.integers(1, 9), width=st.integers(1, 17), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.int64]),
-       data=st.data())
-def test_capture_op_matches_reference_and_disabled_writes_nothing(rows, width, dtype, data):
-    x = (torch.randn(rows, width) * 100).to(dtype)
-    keep = sorted(data.draw(st.sets(st.integers(0, rows - 1), min_size=1)))
-    src = torch.tensor(keep, dtype=torch.int64)
-    nbytes = len(keep) * width * x.element_size()
-    off = data.draw(st.integers(0, 64))
-    ring = torch.full((nbytes + 128,), 7, dtype=torch.uint8)
-    expected = ring.clone()
-    capture_reference(expected, x, src, off)
-    ctrl = torch.tensor([[0, 0, len(src)], [1, off, len(src)]], dtype=torch.int64)
-    capture(ring, x, src, ctrl, 1)
-    assert torch.equal(ring, expected)
-    untouched = torch.full_like(ring, 7)
-    capture(untouched, x, src, ctrl, 0)  # slot 0 disabled: a dropped frame writes nothing
-    assert (untouched == 7).all()
-
-
 def test_capture_op_survives_compile_fullgraph():
+    """One dmi::capture node in the graph; the host moves the hook's rows through the plan
+    (ctrl, rows) between calls and the compiled graph follows without retracing."""
     ring = torch.zeros(4096, dtype=torch.uint8)
-    ctrl = torch.tensor([[1, 128, 2]], dtype=torch.int64)
-    src = torch.tensor([0, 2])
+    ctrl = torch.tensor([plan_row(128, 2, 0, 3, 16, 0)], dtype=torch.int64)
+    rows = torch.tensor([[0, 2, 0]], dtype=torch.int64)
 
     def f(x):
         y = x * 2
-        capture(ring, y, src, ctrl, 0)
+        capture(ring, y, rows, ctrl, 0)
         return y + 1
 
     x = torch.randn(3, 4)
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     compiled(x)
     assert torch.equal(ring[128:160].view(torch.float32).reshape(2, 4), (x * 2)[[0, 2]])
-    ctrl[0, 1] = 512  # the host moves the frame; the compiled graph follows without retracing
+    assert ring[:8].view(torch.int64).item() == 2  # the status word: rows written
+    ctrl[0, 1], rows[0, :2] = 512, torch.tensor([1, 0])
     x2 = torch.randn(3, 4)
     compiled(x2)
-    assert torch.equal(ring[512:544].view(torch.float32).reshape(2, 4), (x2 * 2)[[0, 2]])
+    assert torch.equal(ring[512:544].view(torch.float32).reshape(2, 4), (x2 * 2)[[1, 0]])
 
 
 def test_drain_coalesces_adjacent_slots_into_one_copy_per_range():
-    from types import SimpleNamespace
-
     from dmi.drain.copy import coalesce
 
-    s = lambda off, n: SimpleNamespace(offset=off, nbytes=n)  # noqa: E731
     # 0..64 and 64..192 are back to back (sizes round up to 64); 512 starts a new range (the
-    # ring skipped its end and wrapped, or a slot in between was released already)
-    assert coalesce([s(0, 10), s(64, 100), s(512, 64), s(576, 1)]) == [(0, 192), (512, 640)]
+    # ring skipped its end and wrapped, or a frame in between was released already)
+    assert coalesce([(0, 10), (64, 100), (512, 64), (576, 1)]) == [(0, 192), (512, 640)]
     assert coalesce([]) == []
 
 
-def test_select_rows_equals_select_for_the_same_rows():
-    """A tensor addressed row by row (one logits row per request) is planned exactly as the same
-    rows addressed as "the last token of each batch row"."""
+def test_row_table_take_addresses_rows_per_request():
+    """A tensor addressed row by row (one logits row per request, -1 a padding row) gets the
+    request, position and batch row of the token rows it points at."""
     import numpy as np
 
-    from dmi.ring.frames import DECODE, RowTable, StepPlan
+    from dmi.plan.rows import DECODE, RowTable
 
     B, T = 3, 4
     request = np.array([0, 0, 0, 0, -1, -1, 1, 1, 2, 2, 2, 2], dtype=np.int32)
     rows = RowTable(B, T, ["a", "b", "c"], request, np.arange(B * T, dtype=np.int64), np.full(B * T, DECODE, np.int8))
-    keep = (request >= 0) & (np.arange(B * T) != 11)  # the filters leave out request c's last row
-    reduced = keep & (request == 0)
-    for red in (None, reduced):
-        plan = StepPlan(0, rows, keep, reduced=red)
-        for fb in (True, False):
-            a, b = plan.select(1, fb), plan.select_rows(np.array([3, 7, 11, -1]), fb)
-            assert torch.equal(a.src_rows, b.src_rows) and np.array_equal(a.token_idx, b.token_idx)
-            assert (a.produced, a.filtered) == (b.produced, b.filtered) and np.array_equal(a.lost_idx, b.lost_idx)
+    t = rows.take([3, 7, 11, -1])
+    assert t.request.tolist() == [0, 1, 2, -1] and t.position.tolist()[:3] == [3, 7, 11]
+    assert t.batch_of(np.arange(3)).tolist() == [0, 1, 2] and t.n_rows == 4

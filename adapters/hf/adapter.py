@@ -1,29 +1,32 @@
 """The HF transformers adapter: the only code that touches an HF model's internals.
 
-Capture points are forward hooks on the modules an architecture table names; each calls
-the session, which copies through the `dmi::capture` op. A pre/post hook pair on the
-root module marks step boundaries and builds the row table from the forward's kwargs.
-`generate` is wrapped (an instance attribute, removed on disarm) only to know which
-forwards continue which requests and which rows finished at EOS.
+Capture points are forward hooks on the modules an architecture table names; each only
+launches the `dmi::capture` op with the step's plan (eager, and traced into compiled graphs
+alike). A pre/post hook pair on the root module marks step boundaries, builds the row table
+from the forward's kwargs and has the session plan the step; compiled calls get their
+boundaries from outside the compiled code (compiled.py). `generate` is wrapped (an instance
+attribute, removed on disarm) only to know which forwards continue which requests and which
+rows finished at EOS; its state is per thread, so concurrent callers keep their own requests.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dmi.adapter import Adapter, Binding
 from dmi.errors import SpecError, UnknownHookError, closest
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.hookpoint import HookPoint
-from dmi.kernels import host_ops
 from dmi.kernels.capture_op import capture as capture_op
-from dmi.ring import graphplan
+from dmi.plan import LOGITS, TOKENS
 
-from . import reading
+from . import compiled, reading
 from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
 from .tables.base import ArchTable, Tap
 
@@ -43,16 +46,14 @@ class HFAdapter(Adapter):
         self.dims = table.dims(model.config)
         self.counter = RequestCounter()
         self._handles: list = []
-        self._gen: GenerateState | None = None
-        self._had_generate_attr = False
+        self._local = threading.local()   # per calling thread: its generate state, its open boundary
+        self._saved: dict[tuple[int, str], tuple[object, bool, object]] = {}
+        self._outer_hooks: list = []
         self._root = _root_prefix(model, table)
         # GPU: build row tables without reading the device during decode (see rows.LateEos).
         # DMI_SYNC_FREE=1 forces that path on the CPU, where tests check it against the other.
         self.sync_free = self.device.type == "cuda" or os.environ.get("DMI_SYNC_FREE") == "1"
-        # Compiled forwards on a GPU capture in-graph from a device-side plan (CUDA graphs can
-        # replay it); DMI_GRAPH_PLAN=1 forces that path on the CPU for tests. Otherwise compiled
-        # captures go through host ops.
-        self.device_plan = self.device.type == "cuda" or os.environ.get("DMI_GRAPH_PLAN") == "1"
+        self.wrappers: list = []  # torch.compile(model) wrappers to bracket (dmi.attach fills it)
 
     # -- description ------------------------------------------------------------------
     @property
@@ -122,7 +123,8 @@ class HFAdapter(Adapter):
                                              f"attn_implementation='eager' or drop the hook")
             row_bytes, shape, dtype = self._row_layout(tap)
             bindings.append(HFBinding(name, f"{path}:{tap.io}", row_bytes, ragged=tap.view == "pattern",
-                                      row_shape=shape, dtype=dtype, tap=tap, path=path))
+                                      row_shape=shape, dtype=dtype, tap=tap, path=path,
+                                      group=LOGITS if name == "hook_logits" else TOKENS))
         return bindings
 
     def _module_tap(self, name: str) -> tuple[Tap, str]:
@@ -153,19 +155,22 @@ class HFAdapter(Adapter):
         return row_bytes, shape, dtype
 
     # -- arming -----------------------------------------------------------------------
+    @property
+    def _gen(self) -> GenerateState | None:
+        return getattr(self._local, "gen", None)
+
+    @_gen.setter
+    def _gen(self, value) -> None:
+        self._local.gen = value
+
     def arm(self, session, bindings: list[HFBinding]) -> None:
         self.session = session
-        # For torch.compile: hooks call host ops (graph nodes that run every step) instead of
-        # the session directly; the token orders them. See dmi.kernels.host_ops.
-        # On the CPU always: a host op never becomes part of a CUDA graph.
-        self._token = torch.zeros(1)
-        self._bridge = host_ops.register_bridge(self)
-        self._graph = session.graph_plan() if self.device_plan else None
-        self._logits_hooks = [i for i, b in enumerate(bindings) if b.name == "hook_logits"]
+        compiled.ensure_hook_guards()
+        self._logits_hooks = [i for i, b in enumerate(bindings) if b.group == LOGITS]
         for i, b in enumerate(bindings):
             tap, path = b.tap, b.path
             mod = self.model.get_submodule(path) if path else self.model
-            fn = functools.partial(_capture_hook, self, i, tap, self.dims)
+            fn = functools.partial(_capture_hook, self, i, b, self.dims)
             if tap.io == "input":
                 h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
             else:
@@ -175,92 +180,106 @@ class HFAdapter(Adapter):
         # pre-hook that rewrites inputs, and the post-hook seals after all captures.
         self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._end, always_call=True))
-        self._had_generate_attr = "generate" in self.model.__dict__
-        self._saved_generate = self.model.__dict__.get("generate")
+        for w in {id(w): w for w in [*self.wrappers, *compiled.optimized_wrappers(self.model)]}.values():
+            self._outer_hooks.append(w.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+            self._outer_hooks.append(w.register_forward_hook(lambda m, a, o: self.outer_end(), always_call=True))
         if hasattr(self.model, "generate"):
-            self.model.generate = functools.partial(_generate, self, self.model.generate)
+            self._replace("generate", functools.partial(_generate, self, self.model.generate))
+        if hasattr(self.model, "get_compiled_call"):
+            self._replace("get_compiled_call", functools.partial(_get_compiled_call, self, self.model.get_compiled_call))
+        if getattr(self.model, "_compiled_call_impl", None) is not None:  # model.compile()
+            self._replace("_compiled_call_impl", compiled.bracket(self, self.model._compiled_call_impl))
+
+    def _replace(self, name: str, value) -> None:
+        """Set an instance attribute of the model, remembering what disarm restores."""
+        d = self.model.__dict__
+        self._saved[(id(self.model), name)] = (self.model, name in d, d.get(name))
+        d[name] = value
 
     def disarm(self) -> None:
-        host_ops.unregister_bridge(getattr(self, "_bridge", 0))
-        for h in self._handles:
+        for h in [*self._handles, *self._outer_hooks]:
             h.remove()
         self._handles.clear()
-        if self._had_generate_attr:
-            self.model.generate = self._saved_generate
-        else:
-            self.model.__dict__.pop("generate", None)
+        self._outer_hooks.clear()
+        for (_, name), (model, had, old) in self._saved.items():
+            if had:
+                model.__dict__[name] = old
+            else:
+                model.__dict__.pop(name, None)
+        self._saved.clear()
         self._gen = None
 
     # -- step boundaries --------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        inp = step_inputs(args, kwargs)
+        if getattr(self._local, "outer", 0):
+            return  # a boundary outside the compiled call began this step
         if torch.compiler.is_compiling():
-            # (generate with a static cache passes a dict of prepared masks and no cache_position;
-            # its rows are placed from the mask generate was given, see rows.GenerateState.user_mask)
-            if (inp.cache_position is None and inp.mask is None and inp.past is not None
-                    and not isinstance(kwargs.get("attention_mask"), dict)):
-                raise ValueError("dmi: a compiled forward with a KV cache needs cache_position or attention_mask "
-                                 "to place its rows (generate passes both)")
-            if self._graph is not None:
-                keep = kwargs.get("logits_to_keep", 0)
-                host_ops.plan_step(self._graph.ctrl, self._graph.rows, self._bridge, inp.ref, inp.is_ids, inp.mask,
-                                   inp.cache_position, keep if isinstance(keep, int) else 0)
-                self._trace_bt = (inp.ref.shape[0], inp.ref.shape[1])
-            else:
-                host_ops.step_begin(self._token, self._bridge, inp.ref, inp.is_ids, inp.mask, inp.cache_position)
+            compiled.dmi_step_boundary_runs_outside_compiled_code(self._step_begin, args, kwargs)
         else:
-            self.session.begin_step(row_table(inp, self.counter, self._gen, self.sync_free, self.session.step))
+            self._step_begin(args, kwargs)
 
     def _end(self, module, args, output):
+        if getattr(self._local, "outer", 0):
+            return
         if torch.compiler.is_compiling():
-            if self._graph is not None:
-                host_ops.commit_step(self._token, self.session.ring.buffer, self._bridge)
-            else:
-                host_ops.step_end(self._token, self._bridge)
+            compiled.dmi_step_boundary_runs_outside_compiled_code(self.session.end_step)
         else:
             self.session.end_step()
 
-    # -- host side of the compiled path (called by dmi.kernels.host_ops) ---------------
-    def op_step_begin(self, ref, is_ids, mask, cache_position) -> None:
-        self.session.begin_step(row_table(StepInputs(ref, is_ids, mask, cache_position), self.counter, self._gen,
-                                          self.sync_free, self.session.step))
+    def _outer_pre(self, module, args, kwargs):
+        self.outer_begin(args, kwargs)
 
-    def op_capture(self, hook: int, x: torch.Tensor, flat: bool) -> None:
-        self.session.capture(hook, x, flat=flat)
+    def outer_begin(self, args, kwargs) -> None:
+        """A compiled call is about to run: plan its step here, outside the compiled code."""
+        depth = getattr(self._local, "outer", 0)
+        self._local.outer = depth + 1
+        if depth == 0:
+            self._step_begin(args, kwargs)
 
-    def op_step_end(self) -> None:
-        self.session.end_step()
+    def outer_end(self) -> None:
+        depth = getattr(self._local, "outer", 0)
+        self._local.outer = max(depth - 1, 0)
+        if depth == 1:
+            self.session.end_step()
 
-    def op_plan_step(self, ref, is_ids, mask, cache_position, logits_to_keep: int) -> None:
-        self.op_step_begin(ref, is_ids, mask, cache_position)
-        T = int(ref.shape[1])
-        last = frozenset(self._logits_hooks) if logits_to_keep == 1 and T > 1 else frozenset()
-        self._graph.plan(last)
+    def _step_begin(self, args, kwargs) -> None:
+        s = self.session
+        s.acquire_step()  # before the row table: it advances the shared request counter
+        inp = step_inputs(args, kwargs)
+        rows = row_table(inp, self.counter, self._gen, self.sync_free, s.step)
+        groups = {}
+        keep = kwargs.get("logits_to_keep", 0)
+        if self._logits_hooks and keep == 1 and rows.tokens > 1:
+            last = np.arange(rows.batch, dtype=np.int64) * rows.tokens + rows.tokens - 1
+            groups[LOGITS] = rows.take(last)
+        s.begin_step(rows, groups)
 
-    def op_commit_step(self) -> None:
-        self._graph.commit()
-        self.session.end_step()
+
+def _capture_hook(adapter: HFAdapter, i: int, b: HFBinding, dims, args, kwargs, output) -> None:
+    x = reading.pick(b.tap, args, kwargs, output)
+    if not isinstance(x, torch.Tensor):
+        return
+    x = reading.view(b.tap, x.detach(), dims)
+    s = adapter.session
+    if torch.compiler.is_compiling():
+        # Traced into the graph: exactly one dmi::capture node reading the plan's tensors.
+        rows_x = x if b.tap.flat else x.flatten(0, 1)
+        if b.row_shape is None or b.dtype is None:
+            raise ValueError(f"dmi: {b.name} has no row layout known at attach ({b.source}), which capture inside "
+                             f"a compiled forward needs; capture it in eager mode or drop it from the spec")
+        if tuple(rows_x.shape[1:]) != tuple(b.row_shape) or rows_x.dtype != b.dtype:
+            raise ValueError(f"dmi: {b.name}: a compiled step sees rows of shape {tuple(rows_x.shape[1:])} "
+                             f"{rows_x.dtype}, the binding declared {tuple(b.row_shape)} {b.dtype}")
+        ring, rows, ctrl, slot = s.capture_args(i)
+        capture_op(ring, rows_x, rows, ctrl, slot)
+    else:
+        s.capture(i, x, flat=b.tap.flat)
 
 
-def _capture_hook(adapter: HFAdapter, i: int, tap: Tap, dims, args, kwargs, output) -> None:
-    x = reading.pick(tap, args, kwargs, output)
-    if isinstance(x, torch.Tensor):
-        x = reading.view(tap, x.detach(), dims)
-        if torch.compiler.is_compiling():
-            graph = adapter._graph
-            if graph is None:
-                host_ops.capture_host(adapter._token, adapter._bridge, i, x, tap.flat)
-                return
-            rows_x = x if tap.flat else x.flatten(0, 1)
-            graph.check(i, rows_x)
-            B, T = adapter._trace_bt
-            g = graphplan.group(rows_x.shape[0], B, T)
-            if g is None:
-                raise ValueError(f"dmi: {adapter.session.names[i]}: {rows_x.shape[0]} rows in a {B}x{T} compiled "
-                                 f"step; only all tokens or the last token per batch row can be planned")
-            capture_op(adapter.session.ring.buffer, rows_x, graph.rows[g], graph.ctrl, i)
-        else:
-            adapter.session.capture(i, x, flat=tap.flat)
+def _get_compiled_call(adapter: HFAdapter, original, *args, **kwargs):
+    """transformers' compiled __call__ (static-cache generate), bracketed outside the graph."""
+    fn = original(*args, **kwargs)
+    return fn if getattr(fn, "__dmi_bracket__", False) else compiled.bracket(adapter, fn)
 
 
 def _generate(adapter: HFAdapter, original, *args, **kwargs):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dmi.ring.frames import DECODE, PREFILL, RowTable
+from dmi.plan.rows import DECODE, PREFILL, RowTable
 
 
 @dataclass

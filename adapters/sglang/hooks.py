@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from dmi.adapter import Binding
 from dmi.errors import UnknownHookError
+import torch
+
 from dmi.hooknames import canonical_names, resolve, split_layer
+from dmi.plan import LOGITS, TOKENS
 
 from .tables.base import Dims, SGLangTable, STap, Where
 
@@ -21,11 +24,12 @@ class SBinding(Binding):
 
 
 class HookMap:
-    def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4):
+    def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4, dtype=None):
         self.table = table
         self.cfg = hf_config
         self.dims: Dims = table.dims(hf_config)
         self.dtype_size = dtype_size
+        self.dtype = dtype  # the model's torch dtype, known next to the model (row layouts for the plan)
 
     def offered(self) -> dict[str, tuple[STap, Where]]:
         out = {}
@@ -53,6 +57,9 @@ class HookMap:
             tap, where = offered[name]
             size = _DTYPE_SIZE.get(tap.dtype or "", self.dtype_size)
             idx = "" if where.index is None else f"[{where.index}]"
+            dtype = getattr(torch, tap.dtype) if tap.dtype else self.dtype
             out.append(SBinding(name, f"{where.module}:{where.io}{idx}", math.prod(tap.shape(self.dims)) * size,
+                                row_shape=tuple(tap.shape(self.dims)) if dtype is not None else None, dtype=dtype,
+                                group=LOGITS if tap.view == "last_rows" else TOKENS,
                                 tap=tap, where=where))
         return out

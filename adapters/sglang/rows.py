@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from dmi.ring.frames import DECODE, PREFILL, RowTable
+from dmi.plan.rows import DECODE, PREFILL, RowTable
 
 # sglang.srt.constants.HEALTH_CHECK_RID_PREFIX: the server's /health probes are generate
 # requests of its own, not user traffic; their rows are treated as padding (never recorded).

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 
 from dmi.adapter import Adapter
+from dmi.plan import LOGITS
 
 from .hooks import HookMap, SBinding
 from .rows import Coverage, row_table
@@ -35,12 +35,12 @@ class SGLangWorkerAdapter(Adapter):
         self.model = runner.model
         self.hf_config = runner.model_config.hf_config
         p = next(self.model.parameters(), None)
-        self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4)
+        self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4,
+                           dtype=p.dtype if p is not None else torch.float32)
         self.model_path = model_path
         self.session = None
         self.coverage = Coverage(started=in_flight)
         self._handles: list = []
-        self._last = None  # this step's last row of each request, for the logits
 
     @property
     def device(self) -> torch.device:
@@ -104,25 +104,13 @@ class SGLangWorkerAdapter(Adapter):
         for rid, pos, reason in self.coverage.step(fb):
             s.not_computed(rid, pos, reason)
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
-        rows, self._last = row_table(fb, n, self.coverage.before)
-        s.begin_step(rows)
+        rows, last = row_table(fb, n, self.coverage.before)
+        # The logits processor computes one row per request, at its last row of the step.
+        s.begin_step(rows, {LOGITS: rows.take(last)})
 
     def end(self) -> None:
-        self._last = None
         if self.session is not None:
             self.session.end_step()
-
-    def capture_last_rows(self, i: int, x: torch.Tensor) -> None:
-        """Capture a tensor with one row per request (the logits), each at its request's last
-        row of the step (padding rows past the requests: -1), under the same step and filters."""
-        s = self.session
-        if s.plan is None or self._last is None:
-            return
-        n = int(x.shape[0])
-        rows = np.full(n, -1, dtype=np.int64)
-        idx = self._last[:n]
-        rows[: len(idx)] = idx
-        s.capture(i, x, rows=rows)
 
 
 def _pick(b: SBinding, args: tuple, kwargs: dict, output):
@@ -164,7 +152,7 @@ def _view(b: SBinding, x: torch.Tensor, d) -> torch.Tensor:
 
 def _capture(adapter: SGLangWorkerAdapter, i: int, b: SBinding, args, kwargs, output) -> None:
     s = adapter.session
-    if s is None or s.plan is None:
+    if s is None or s.frame is None:
         return
     try:
         _capture_one(adapter, s, i, b, args, kwargs, output)
@@ -176,8 +164,4 @@ def _capture_one(adapter, s, i, b, args, kwargs, output) -> None:
     x = _pick(b, args, kwargs, output)
     if not isinstance(x, torch.Tensor):
         return
-    x = _view(b, x.detach(), adapter.map.dims)
-    if b.tap.view == "last_rows":
-        adapter.capture_last_rows(i, x)
-    else:
-        s.capture(i, x, flat=True)
+    s.capture(i, _view(b, x.detach(), adapter.map.dims), flat=True)

@@ -9,6 +9,7 @@ import torch
 from dmi.adapter import Binding
 from dmi.errors import SpecError
 from dmi.hooknames import canonical_names, resolve, split_layer
+from dmi.plan import LOGITS, TOKENS
 
 from .tables import VllmTable, VTap, dense_layers, rank_dims, row_bytes, shard_of
 
@@ -57,7 +58,9 @@ class Hooks:
             if self.tp_rank > 0 and shard is None:
                 continue
             source = f"{path}.{tap.method}:return" if tap.method else f"{path}:{'input' if tap.pre else 'output'}"
-            out.append(VBinding(name, source, row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path))
+            out.append(VBinding(name, source, row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path,
+                                row_shape=tuple(tap.shape(self.dims)), dtype=tap.dtype or self.dtype,
+                                group=LOGITS if name == "hook_logits" else TOKENS))
         return out
 
 

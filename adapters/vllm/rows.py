@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dmi.ring.frames import DECODE, PREFILL, RowTable
+from dmi.plan.rows import DECODE, PREFILL, RowTable
 
 
 def external_id(req_id: str) -> str:

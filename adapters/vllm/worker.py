@@ -5,12 +5,12 @@ top-k, wraps the fused-MoE router's `select_experts` on its instance) and wraps 
 model runner's methods (instance attributes, removed on disarm):
 - `execute_model(scheduler_output)`: one engine step; its `finally` ends the step, also
   when the forward raised, and finished requests leave the row book;
-- `_model_forward(...)`: the forward itself, which starts the step with the row table
-  built from the runner's batch state (rows.py). After it returns, a second frame of the
-  same step starts for the logits processor, which sees one row per request.
-Under torch.compile the hooks call dmi's host ops (kernels/host_ops.py) instead of the
-session: ops are graph nodes that run every step, where Python in a hook would run only
-while tracing. Step boundaries need no op: both wrapped methods run outside the graph.
+- `_model_forward(...)`: the forward itself, before which the session plans the whole step
+  from the runner's batch state (rows.py): the token rows, and the "logits" row group the
+  logits processor sees (one row per request).
+Under torch.compile the hooks trace into the graph as one `dmi::capture` node each, reading
+the plan's tensors (a CUDA graph replays them with each step's plan); both wrapped methods
+run outside the graph, so no dmi Python runs inside it.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import logging
 
 import numpy as np
 import torch
-from dmi.kernels import host_ops
 
 from dmi.adapter import Adapter
+from dmi.kernels.capture_op import capture as capture_op
+from dmi.plan import LOGITS
 from dmi.session import Session
 
 from .binding import Hooks, VBinding, rank_sink
@@ -31,18 +32,9 @@ from .tables import read, table_for
 
 log = logging.getLogger("dmi")
 
-# The bridge id is a constant inside the compiled graph; vLLM may load that graph from its
-# compile cache into a later process, so the id must not depend on registration order.
-# One worker (one model) per process: one id serves every session of the process in turn.
-BRIDGE_ID = 0x766C6C6D
-
 
 class WorkerSession(Session):
-    def end_frame(self) -> None:
-        """Seal what the step captured so far without advancing the step: the logits frame follows."""
-        if self.plan is not None:
-            self.plan = None
-            self.frames.seal()
+    """A session next to the model, in a vLLM worker process."""
 
 
 class WorkerAdapter(Adapter):
@@ -66,8 +58,6 @@ class WorkerAdapter(Adapter):
         self._handles: list = []
         self._wrapped: list[str] = []
         self._methods: list[tuple[object, str]] = []
-        self._token = torch.zeros(1)
-        self._bridge = 0
         self._in_step = False
         self._sched = None
 
@@ -91,7 +81,6 @@ class WorkerAdapter(Adapter):
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session
         self.book.started = {external_id(r) for r in self.runner.input_batch.req_ids}
-        self._bridge = host_ops.register_bridge(self, BRIDGE_ID)
         model = self.runner.model
         by_method: dict[tuple[int, str], tuple[object, list]] = {}
         for i, b in enumerate(bindings):
@@ -130,7 +119,6 @@ class WorkerAdapter(Adapter):
         self._methods.append((obj, name))
 
     def disarm(self) -> None:
-        host_ops.unregister_bridge(BRIDGE_ID, self)
         # A compiled graph looks its hooks up in the modules' hook dicts when it runs:
         # removing them breaks it. They stay, inert: no bridge, no session.
         if not self._compiled():
@@ -169,10 +157,7 @@ class WorkerAdapter(Adapter):
         if session is None or self._sched is None or positions is None or positions.dim() != 1:
             return original(*args, **kwargs)
         self._begin(positions)
-        out = original(*args, **kwargs)
-        session.end_frame()
-        session.begin_step(self._logits_rows)
-        return out
+        return original(*args, **kwargs)
 
     def _begin(self, positions: torch.Tensor) -> None:
         batch = self.runner.input_batch
@@ -183,8 +168,7 @@ class WorkerAdapter(Adapter):
                               batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n])
         for rid, pos, why in rows.skipped:
             self.session.not_computed(rid, pos, why)
-        self._logits_rows = rows.logits
-        self.session.begin_step(rows.tokens)
+        self.session.begin_step(rows.tokens, {LOGITS: rows.logits})
         self._in_step = True
 
     def _hook(self, i: int, b: VBinding, args, kwargs, out) -> None:
@@ -192,14 +176,11 @@ class WorkerAdapter(Adapter):
         if x is None:
             return
         if torch.compiler.is_compiling():
-            host_ops.capture_host(self._token, self._bridge, i, x, True)
+            if self.session is not None:  # traced: one dmi::capture node reading the plan's tensors
+                ring, rows, ctrl, slot = self.session.capture_args(i)
+                capture_op(ring, x, rows, ctrl, slot)
         elif self.session is not None:
             self.session.capture(i, x, flat=True)
-
-    # -- host side of the compiled path (dmi.kernels.host_ops) ----------------------------
-    def op_capture(self, hook: int, x: torch.Tensor, flat: bool) -> None:
-        if self.session is not None:
-            self.session.capture(hook, x, flat=flat)
 
 
 # -- the worker's RPC methods (added to vLLM's worker class by vllm_plugin) ---------------

@@ -1,13 +1,20 @@
+"""The drain thread (ring -> host, whole frames) and the sink thread (host -> sink, whole steps).
+
+Neither can wedge the engine: if either thread dies, the engine goes on, its rows are counted as
+dropped with a reason, the error is reported once, and closing the session returns.
+"""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 
 import numpy as np
 import torch
 
-from dmi.ring.frames import FrameRing, Marker, Slot
+from dmi.plan import Frame
+from dmi.ring.frames import FrameRing, Marker
 from dmi.sinks.base import GapBlock, RowBlock, Sink
 
 from .copy import copier_for
@@ -27,160 +34,245 @@ def numpy_dtype(dtype: torch.dtype):
     return _NP[dtype]
 
 
-def compact_pattern(rows: np.ndarray, slot: Slot) -> np.ndarray:
+def compact_pattern(rows: np.ndarray, table, src: np.ndarray) -> np.ndarray:
     """[n, heads, keys] over the step's key columns -> [n, heads, max_pos+1] over the request's
     own keys 0..position, in order (padding keys removed; a causal pattern is 0 beyond)."""
-    plan = slot.plan
-    pos = plan.rows.position[slot.token_idx]
+    pos = table.position[src]
     width = int(pos.max()) + 1 if pos.size else 1
     out = np.zeros((rows.shape[0], rows.shape[1], width), dtype=rows.dtype)
-    mask = plan.rows.key_mask
-    for i, (b, p) in enumerate(zip(slot.pattern_batch, pos)):
+    mask = table.key_mask
+    for i, (b, p) in enumerate(zip(table.batch_of(src), pos)):
         cols = np.flatnonzero(mask[b])[: p + 1] if mask is not None else np.arange(p + 1)
         out[i, :, : len(cols)] = rows[i][:, cols]
     return out
 
 
-def _merge(info, parts: list) -> RowBlock:
-    """One row block from consecutive slots of one hook (several steps)."""
-    datas = [compact_pattern(rows, slot) if info.ragged else rows for rows, slot in parts]
-    if info.ragged:
-        width = max(d.shape[-1] for d in datas)
-        datas = [np.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, width - d.shape[-1])]) for d in datas]
-    request: list[str] = []
-    for _, slot in parts:
-        table = slot.plan.rows
-        ids = table.request_ids
-        request += [ids[r] for r in table.request[slot.token_idx]]
-    return RowBlock(
-        hook=info,
-        data=datas[0] if len(datas) == 1 else np.concatenate(datas),
-        request=request,
-        position=np.concatenate([slot.plan.rows.position[slot.token_idx] for _, slot in parts]).astype(np.int64),
-        step=np.concatenate([np.full(len(slot.token_idx), slot.plan.step, dtype=np.int64) for _, slot in parts]),
-    )
+class _Batch(list):
+    """Row and gap blocks of whole frames, for the sink; `whole`: its last frame ended a step."""
+
+    def __init__(self, items, whole: bool):
+        super().__init__(items)
+        self.whole = whole
 
 
 class Drain:
     """Owns the drain thread (ring -> host) and the sink thread (host -> sink)."""
 
-    def __init__(self, ring, frames: FrameRing, sink: Sink, accounting, hook_infos: dict,
+    def __init__(self, ring, frames: FrameRing, sink: Sink, accounting, hook_infos: dict, names: list[str],
                  host_bytes: int):
         self.ring = ring
         self.frames = frames
         self.sink = sink
         self.acct = accounting
         self.hook_infos = hook_infos      # hook index -> HookInfo, filled by the session
+        self.names = names
         self.host = ByteBoundedQueue(host_bytes)
         self.copier = copier_for(ring)
         self.sink_failed: str | None = None
-        self._drain = threading.Thread(target=self._drain_loop, name="dmi-drain", daemon=True)
-        self._sinker = threading.Thread(target=self._sink_loop, name="dmi-sink", daemon=True)
+        self.error: str | None = None     # the drain or sink thread died of this
+        self.copied_bytes = 0             # host copies the drain made
+        self.row_bytes = 0                # bytes of the rows it handed on
+        self._whole = True                # the last frame handed on ended its step
+        self._warned: set[str] = set()
+        self._drain = threading.Thread(target=self._run, args=(self._drain_loop, "drain"), name="dmi-drain",
+                                       daemon=True)
+        self._sinker = threading.Thread(target=self._run, args=(self._sink_loop, "sink"), name="dmi-sink",
+                                        daemon=True)
 
     def start(self) -> None:
         self._drain.start()
         self._sinker.start()
 
     def alive(self) -> bool:
-        return self._drain.is_alive() and self._sinker.is_alive()
+        return self.error is None and self._drain.is_alive() and self._sinker.is_alive()
+
+    def copies_per_row(self) -> float:
+        """Host copies of each captured byte after the ring: the drain's, plus the sink's own."""
+        sink_copies = getattr(self.sink, "copied_bytes", 0)
+        return round((self.copied_bytes + sink_copies) / self.row_bytes, 3) if self.row_bytes else 0.0
+
+    def _run(self, loop, what: str) -> None:
+        try:
+            loop()
+        except BaseException as e:  # a bug must not wedge the engine: report once, count from now on
+            self.error = f"dmi {what} thread died: {type(e).__name__}: {e}"
+            self.acct.error(self.error)
+            log.error("%s; capture goes on, its rows are counted as dropped\n%s", self.error, traceback.format_exc())
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        """Whatever waits on a dead thread is let go: markers are answered, frames counted."""
+        for item in self.frames.take_all(0):
+            self._discard(item)
+        while True:
+            item = self.host.get(timeout=0)
+            if item is EMPTY:
+                break
+            self._discard(item)
+
+    def _discard(self, item) -> None:
+        if isinstance(item, Marker):
+            if item.done is not None:
+                item.done.set()
+        elif isinstance(item, Frame):
+            self.lost(item, "drain_stopped")
+        elif isinstance(item, list):
+            for block in item:
+                if isinstance(block, RowBlock):
+                    self.acct.dropped(block.hook.name, len(block.position), "drain_stopped", in_flight=True)
+
+    def lost(self, frame: Frame, reason: str) -> None:
+        """A sealed frame that will never be drained: its captured rows are dropped."""
+        for h in frame.placed:
+            self.acct.dropped(self.names[h.hook], len(h.src), reason, in_flight=True)
+
+    def abandon(self) -> None:
+        """Close gave up on a drain that stopped answering: count what it still held."""
+        self._release_waiters()
 
     # -- drain thread -----------------------------------------------------------------
     def _drain_loop(self) -> None:
         while True:
             items = self.frames.take_all(timeout=0.05)
-            pending: dict[int, list] = {}  # hook -> [(rows, slot)], merged into one block per hook
-            slots: list[Slot] = []
+            frames: list[Frame] = []
+            batch: list = []
             for item in items:
-                if isinstance(item, Slot):
-                    slots.append(item)
+                if isinstance(item, Frame):
+                    frames.append(item)
                     continue
-                self._copy_out(slots, pending)
-                self._hand_over(pending)  # order: everything before a marker or gap goes first
-                self.host.put(item)
-                if isinstance(item, Marker) and item.kind == "stop":
-                    return
-            self._copy_out(slots, pending)
-            self._hand_over(pending)
+                self._drain_frames(frames, batch)  # order: everything before a marker or gap goes first
+                if isinstance(item, Marker):
+                    self._hand_over(batch)
+                    self.host.put(item)
+                    if item.kind == "stop":
+                        return
+                else:
+                    batch.append(item)
+            self._drain_frames(frames, batch)
+            self._hand_over(batch)
 
-    def _copy_out(self, slots: list[Slot], pending: dict) -> None:
-        """One copy per drain wake-up for all slots taken (coalesced on a GPU), then release."""
-        if not slots:
+    def _hand_over(self, batch: list) -> None:
+        if batch:
+            items = _Batch(batch, self._whole)
+            batch.clear()
+            self.host.put(items, sum(b.data.nbytes for b in items if isinstance(b, RowBlock)))
+
+    def _drain_frames(self, frames: list[Frame], batch: list) -> None:
+        """One copy per frame or fewer (adjacent frames coalesced), then release the ring."""
+        if not frames:
             return
         try:
-            hosts = self.copier.copy(slots)
+            host, copied = self.copier.copy(frames)
         finally:
-            for slot in slots:
-                self.ring.release(slot.offset)
-        for host, slot in zip(hosts, slots):
-            self.acct.drained(slot.nbytes)
-            rows = host.view(numpy_dtype(slot.dtype)).reshape(len(slot.token_idx), *slot.row_shape)
-            late = slot.plan.rows.late
-            if late is not None:
-                rows = self._late_filter(late, rows, slot)
-                if not len(rows):
-                    continue
-            pending.setdefault(slot.hook, []).append((rows, slot))
-        slots.clear()
-
-    def _late_filter(self, late, rows: np.ndarray, slot: Slot) -> np.ndarray:
-        """Drop rows of requests that had already ended (learned only now, see LateEos): they
-        move from in flight to filtered, as if filtered before capture."""
-        alive = late.alive(slot.plan.step)
-        if alive is None:
-            return rows
-        keep = alive[slot.token_idx // slot.plan.rows.tokens]
-        if keep.all():
-            return rows
-        self.acct.refiltered(self.hook_infos[slot.hook].name, int((~keep).sum()))
-        slot.token_idx = slot.token_idx[keep]
-        if slot.pattern_batch is not None:
-            slot.pattern_batch = slot.pattern_batch[keep]
-        return rows[keep]
-
-    def _hand_over(self, pending: dict) -> None:
-        for hook, parts in pending.items():
-            info = self.hook_infos[hook]
+            for f in frames:
+                for off, _ in f.ranges():
+                    self.ring.release(off)
+        self.copied_bytes += copied
+        self._whole = frames[-1].final
+        for f in frames:
             try:
-                block = _merge(info, parts)
+                self._unpack(f, host, batch)
             except Exception as e:  # a bug here must not take the engine down; count and go on
                 self.acct.error(f"drain: {type(e).__name__}: {e}")
-                log.error("dmi drain failed on %s: %s", info.name, traceback.format_exc())
-                self.acct.dropped(info.name, sum(len(s.token_idx) for _, s in parts), "drain_error",
-                                  in_flight=True)
+                log.error("dmi drain failed on step %d: %s", f.step, traceback.format_exc())
+                self.lost(f, "drain_error")
+        frames.clear()
+
+    def _unpack(self, f: Frame, host, batch: list) -> None:
+        batch.extend(f.gaps)
+        if f.offset is None:
+            return
+        status = host.view(f.offset, f.header).view(np.int64)
+        for h in f.placed:
+            n = len(h.src)
+            name = self.names[h.hook]
+            table = f.tables[h.group]
+            self.acct.drained(h.nbytes)
+            if int(status[h.hook]) != n:
+                self._not_captured(f, h, table, name, batch)
                 continue
-            self.host.put(block, block.data.nbytes)
-        pending.clear()
+            rows = host.view(h.offset, h.nbytes).view(numpy_dtype(h.dtype)).reshape(n, *h.row_shape)
+            src = h.src
+            if table.late is not None:
+                rows, src = self._late_filter(table, f.step, name, rows, src)
+                if not len(src):
+                    continue
+            info = self.hook_infos[h.hook]
+            if info.ragged:
+                rows = compact_pattern(rows, table, src)
+                self.copied_bytes += rows.nbytes
+            self.row_bytes += rows.nbytes
+            batch.append(RowBlock(hook=info, data=rows, request_index=table.request[src],
+                                  request_ids=table.request_ids, position=table.position[src],
+                                  step=np.full(len(src), f.step, dtype=np.int64)))
+
+    def _not_captured(self, f: Frame, h, table, name: str, batch: list) -> None:
+        """Planned rows the capture point did not write: its module never ran this step, or ran
+        inside a graph compiled before attach, or saw a tensor the plan was not made for."""
+        n = len(h.src)
+        requests = [table.request_ids[r] for r in table.request[h.src]]
+        self.acct.dropped(name, n, "not_captured", in_flight=True, requests=requests)
+        batch.append(GapBlock(name, requests, table.position[h.src].astype(np.int64),
+                              np.full(n, f.step, np.int64), "not_captured"))
+        if name not in self._warned:
+            self._warned.add(name)
+            msg = (f"dmi: {name}: its capture point did not write step {f.step}'s planned rows; they are recorded as "
+                   f"gaps (reason 'not_captured'). Its module did not run, saw a tensor of another shape than "
+                   f"planned, or runs inside a graph compiled before dmi.attach without dmi's capture points "
+                   f"(call torch._dynamo.reset() or compile after attaching)")
+            self.acct.error(msg)
+            log.warning(msg)
+
+    def _late_filter(self, table, step: int, name: str, rows: np.ndarray, src: np.ndarray):
+        """Drop rows of requests that had already ended (learned only now, see LateEos): they
+        move from in flight to filtered, as if filtered before capture."""
+        alive = table.late.alive(step)
+        if alive is None:
+            return rows, src
+        keep = alive[table.batch_of(src)]
+        if keep.all():
+            return rows, src
+        self.acct.refiltered(name, int((~keep).sum()))
+        return rows[keep], src[keep]
 
     # -- sink thread ------------------------------------------------------------------
     def _sink_loop(self) -> None:
         # An engine that goes idle (a server between requests) must not leave rows written but
         # uncommitted: after this long with nothing new, the sink commits what it has.
-        idle_s = max(float(getattr(self.sink, "flush_every_s", 2.0) or 2.0), 0.05)
+        every = max(float(getattr(self.sink, "flush_every_s", 2.0) or 2.0), 0.05)
+        last = time.monotonic()
         dirty = False
         while True:
-            item = self.host.get(timeout=idle_s)
-            if item is EMPTY:
-                if dirty and self.sink_failed is None:
-                    self._guard(self.sink.flush)
-                dirty = False
-                continue
-            dirty = not isinstance(item, Marker)
+            item = self.host.get(timeout=every)
             if isinstance(item, Marker):
                 if item.kind in ("flush", "stop") and self.sink_failed is None:
                     self._guard(self.sink.flush)
+                dirty, last = False, time.monotonic()
                 if item.done is not None:
                     item.done.set()
                 if item.kind == "stop":
                     return
                 continue
-            if isinstance(item, GapBlock):
-                self._guard(self.sink.write_gaps, item)
-                continue
-            n = len(item.request)
-            if self.sink_failed is None and self._guard(self.sink.write, item):
-                self.acct.written(item.hook.name, n, item.data.nbytes)
-            else:
-                self.acct.dropped(item.hook.name, n, "sink_error", in_flight=True)
+            whole = True
+            if item is not EMPTY:
+                for block in item:
+                    self._write(block)
+                dirty, whole = True, item.whole
+            # Commits fall between whole steps only: a reader never sees a step torn across hooks.
+            if dirty and whole and time.monotonic() - last >= every:
+                if self.sink_failed is None:
+                    self._guard(self.sink.flush)
+                dirty, last = False, time.monotonic()
+
+    def _write(self, block) -> None:
+        if isinstance(block, GapBlock):
+            self._guard(self.sink.write_gaps, block)
+            return
+        n = len(block.position)
+        if self.sink_failed is None and self._guard(self.sink.write, block):
+            self.acct.written(block.hook.name, n, block.data.nbytes)
+        else:
+            self.acct.dropped(block.hook.name, n, "sink_error", in_flight=True, requests=block.request)
 
     def _guard(self, fn, *args) -> bool:
         """Run a sink call; a failing sink is reported once and then bypassed, never raised

@@ -31,21 +31,45 @@ class RunMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class RowBlock:
-    """Rows of one hook from one step, already on the host.
+    """Rows of one hook from one or more whole steps, already on the host.
 
     `data` holds raw values: bfloat16 arrives as np.uint16 bit patterns with dtype "bfloat16"
     (numpy has no bf16), every other dtype as its numpy equivalent. For ragged hooks,
     `data` is [n, *row_shape[:-1], k] where k is this block's width; rows shorter than k
     are zero-padded (a causal attention pattern is exactly 0 there).
+
+    Requests come as integer indices into the frame's id table (`request_index` into
+    `request_ids`, one table shared by every block of a frame), so a sink maps ids once per
+    frame; `request` is the same as a list of ids. The block is handed over: the drain never
+    touches `data` again, so a sink may keep it without copying.
     """
 
-    hook: HookInfo
-    data: np.ndarray
-    request: list[str]        # request id per row
-    position: np.ndarray      # int64 per row: token position within its request, from 0
-    step: np.ndarray          # int64 per row: engine step that computed it
+    __slots__ = ("hook", "data", "request_index", "request_ids", "position", "step", "_request")
+
+    def __init__(self, hook: HookInfo, data: np.ndarray, request: list[str] | None = None,
+                 position: np.ndarray | None = None, step: np.ndarray | None = None,
+                 request_index: np.ndarray | None = None, request_ids: list[str] | None = None):
+        self.hook = hook
+        self.data = data
+        if request_index is None:
+            request = list(request or [])
+            request_ids = list(dict.fromkeys(request))
+            where = {r: i for i, r in enumerate(request_ids)}
+            request_index = np.fromiter((where[r] for r in request), dtype=np.int32, count=len(request))
+        self.request_index = np.asarray(request_index, dtype=np.int32)
+        self.request_ids = request_ids
+        self._request = request
+        self.position = position
+        self.step = step
+
+    @property
+    def request(self) -> list[str]:
+        """Request id per row."""
+        if self._request is None:
+            ids = self.request_ids
+            self._request = [ids[i] for i in self.request_index.tolist()]
+        return self._request
 
 
 @dataclass

@@ -149,6 +149,7 @@ class HDF5Sink(Sink):
         self._request_index: dict[str, int] = {}
         self._pending_requests: list[str] = []
         self._last_requests: tuple[list[str], np.ndarray] | None = None
+        self.copied_bytes = 0  # host copies of row bytes this sink makes (none: blocks are written as handed over)
         self._last_flush = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -260,32 +261,27 @@ class HDF5Sink(Sink):
     # -- rows --------------------------------------------------------------------------------
 
     def write(self, block: RowBlock) -> None:
+        """Append a block. Commits happen only in flush() (the drain calls it between whole
+        steps), so a reader never sees a step torn across hooks. The block is handed over
+        (RowBlock): small blocks are kept by reference until their append, not copied."""
         self._require_open()
         data = block.data
         n = int(data.shape[0]) if data.ndim else 0
         name = block.hook.name
-        _check_lengths(name, n, block.request, block.position, block.step)
-        if n:
-            hw = self._hooks.get(name)
-            if hw is None:
-                hw = self._create_hook(block.hook, data)
-            data = self._conform(hw, block.hook, data)
-            req = self._request_indices(block.request)
-            pos = np.asarray(block.position, dtype=np.int64).reshape(n)
-            step = np.asarray(block.step, dtype=np.int64).reshape(n)
-            if data.nbytes >= self.chunk_bytes:
-                # Big enough to be its own append: write it straight from the caller's array
-                # (after what is already queued, to keep file order = arrival order).
-                self._append(hw)
-                self._write_rows(hw, data, req, pos, step)
-            else:
-                # The caller may reuse its buffers once write() returns, so keep private copies.
-                hw.parts.append((np.array(data, copy=True), req, pos.copy(), step.copy()))
-                hw.buffered_bytes += data.nbytes
-                if hw.buffered_bytes >= self.chunk_bytes:
-                    self._append(hw)
-        if time.monotonic() - self._last_flush >= self.flush_every_s:
-            self.flush()
+        _check_lengths(name, n, block.request_index, block.position, block.step)
+        if not n:
+            return
+        hw = self._hooks.get(name)
+        if hw is None:
+            hw = self._create_hook(block.hook, data)
+        data = self._conform(hw, block.hook, data)
+        req = self._request_indices(block)
+        pos = np.asarray(block.position, dtype=np.int64).reshape(n)
+        step = np.asarray(block.step, dtype=np.int64).reshape(n)
+        hw.parts.append((data, req, pos, step))
+        hw.buffered_bytes += data.nbytes
+        if hw.buffered_bytes >= self.chunk_bytes:
+            self._append(hw)
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
@@ -293,7 +289,7 @@ class HDF5Sink(Sink):
         _check_lengths(gaps.hook, n, gaps.request, gaps.position, gaps.step)
         if n == 0:
             return
-        req = self._request_indices(gaps.request)
+        req = self._map_requests(gaps.request)
         self._flush_requests()
         g = f["gaps"]
         start = g["request"].shape[0]
@@ -395,15 +391,13 @@ class HDF5Sink(Sink):
                              f"first block's {hw.inner_shape + ((hw.width,) if hw.ragged else ())}")
         return data
 
-    def _request_indices(self, requests: list[str]) -> np.ndarray:
-        # Every hook of a step carries the same request list, so map it once per step rather
-        # than once per hook (a list compare of identical str objects is a C-level pointer scan).
+    def _request_indices(self, block: RowBlock) -> np.ndarray:
+        # Every block of a frame shares one id table: map it once per frame, then index.
         last = self._last_requests
-        if last is not None and requests == last[0]:
-            return last[1]
-        out = self._map_requests(requests)
-        self._last_requests = (list(requests), out)
-        return out
+        ids = block.request_ids
+        if last is None or last[0] is not ids:
+            last = self._last_requests = (ids, self._map_requests(ids))
+        return last[1][block.request_index]
 
     def _map_requests(self, requests: list[str]) -> np.ndarray:
         index = self._request_index
@@ -433,38 +427,40 @@ class HDF5Sink(Sink):
             self._append(hw)
 
     def _append(self, hw: _HookWriter) -> None:
-        """Write the hook's buffered rows as one append."""
+        """Write the hook's buffered blocks as one append: one resize, each block written into
+        its slice straight from the drain's host copy (no concatenation copy)."""
         if not hw.parts:
             return
         parts, hw.parts, hw.buffered_bytes = hw.parts, [], 0
-        if len(parts) == 1:
-            data, req, pos, step = parts[0]
-        else:
-            data = _concat_rows([p[0] for p in parts], hw.ragged)
-            req = np.concatenate([p[1] for p in parts])
-            pos = np.concatenate([p[2] for p in parts])
-            step = np.concatenate([p[3] for p in parts])
-        self._write_rows(hw, data, req, pos, step)
+        self._write_rows(hw, [p[0] for p in parts], np.concatenate([p[1] for p in parts]),
+                         np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
 
-    def _write_rows(self, hw: _HookWriter, data: np.ndarray, req: np.ndarray,
+    def _write_rows(self, hw: _HookWriter, datas: list[np.ndarray], req: np.ndarray,
                     pos: np.ndarray, step: np.ndarray) -> None:
-        self._ensure_room(data.nbytes + 20 * data.shape[0])
+        nbytes = sum(d.nbytes for d in datas)
+        self._ensure_room(nbytes + 20 * len(req))
         self._flush_requests()
-        n = data.shape[0]
+        n = len(req)
         start, stop = hw.rows, hw.rows + n
         if hw.ragged:
-            w = data.shape[-1]
+            w = max(d.shape[-1] for d in datas)
             if w > hw.width:
                 hw.width = w
                 hw.data.resize((stop, *hw.inner_shape, w))
                 hw.group.attrs["row_shape"] = np.asarray((*hw.inner_shape, w), dtype=np.int64)
             else:
                 hw.data.resize(stop, axis=0)
-            # Narrower rows leave the tail at the fill value 0, which is the padding we want.
-            hw.data[start:stop, ..., :w] = data
         else:
             hw.data.resize(stop, axis=0)
-            hw.data[start:stop] = data
+        at = start
+        for d in datas:
+            k = d.shape[0]
+            if hw.ragged:
+                # Narrower rows leave the tail at the fill value 0, which is the padding we want.
+                hw.data[at:at + k, ..., :d.shape[-1]] = d
+            else:
+                hw.data[at:at + k] = d
+            at += k
         for ds, values in ((hw.request, req), (hw.position, pos), (hw.step, step)):
             ds.resize((stop,))
             ds[start:stop] = values
@@ -498,20 +494,7 @@ def _storage_dtype(info: HookInfo, data: np.ndarray) -> np.dtype:
     return data.dtype
 
 
-def _concat_rows(datas: list[np.ndarray], ragged: bool) -> np.ndarray:
-    if not ragged:
-        return np.concatenate(datas)
-    w = max(d.shape[-1] for d in datas)
-    total = sum(d.shape[0] for d in datas)
-    out = np.zeros((total, *datas[0].shape[1:-1], w), dtype=datas[0].dtype)
-    i = 0
-    for d in datas:
-        out[i:i + d.shape[0], ..., :d.shape[-1]] = d
-        i += d.shape[0]
-    return out
-
-
-def _check_lengths(hook: str, n: int, request: list[str], position: np.ndarray, step: np.ndarray) -> None:
+def _check_lengths(hook: str, n: int, request, position: np.ndarray, step: np.ndarray) -> None:
     lens = (len(request), int(np.size(position)), int(np.size(step)))
     if lens != (n, n, n):
         raise ValueError(f"hook {hook!r}: {n} rows but {lens[0]} request ids, "

@@ -13,7 +13,7 @@ from dmi.adapters.sglang.frontend import check_version
 from dmi.adapters.sglang.rows import Coverage, row_table
 
 from dmi.errors import EngineNotSupportedError
-from dmi.ring.frames import DECODE, PREFILL
+from dmi.plan.rows import DECODE, PREFILL
 
 
 class Mode:

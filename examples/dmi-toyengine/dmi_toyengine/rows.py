@@ -7,7 +7,7 @@ positions are the engine's (cache length + offset), so there is nothing to inven
 from __future__ import annotations
 
 import numpy as np
-from dmi.ring.frames import DECODE, PREFILL, RowTable
+from dmi.plan.rows import DECODE, PREFILL, RowTable
 
 from .engine import StepBatch
 

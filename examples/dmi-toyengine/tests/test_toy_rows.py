@@ -19,7 +19,7 @@ import pytest
 import torch
 from dmi import plugins
 from dmi.errors import UnknownHookError
-from dmi.ring.frames import DECODE, PREFILL
+from dmi.plan.rows import DECODE, PREFILL
 from test_toy_conformance import serve
 
 from dmi_toyengine import Engine

@@ -1,0 +1,203 @@
+"""One plan per step: everything the capture points of a step need, decided before the forward.
+
+From the adapter's row tables the planner decides, vectorised over hooks and once per step:
+which rows each hook keeps (filters, degrade), one ring reservation for the step's frame
+(overload policy), and the control table the capture op reads (kernels/capture_op.py). Inside
+the forward a capture point only launches `dmi::capture`; after it the frame is sealed and the
+drain copies it whole.
+
+A frame in the ring: a header of one int64 status word per hook (the op writes how many rows it
+wrote), then each planned hook's rows back to back, 64-byte aligned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dmi.ring.payload import PayloadRing
+
+from .control import ControlTable
+from .rows import TOKENS, RowTable
+
+
+@dataclass
+class HookRows:
+    """One hook's rows in one frame."""
+
+    hook: int
+    group: str
+    src: np.ndarray              # int64 [n]: kept rows of the group's table (= rows of the hook's tensor)
+    produced: int                # real rows the engine computed for this hook
+    filtered: int                # real rows the filters left out
+    lost: np.ndarray             # group rows the filters keep but `degrade` gave up
+    nbytes: int = 0
+    offset: int | None = None    # ring offset of its first row; None: not written this step
+    reason: str | None = None    # why not written (oversize, ring_full, plan_overflow, ...)
+    row_shape: tuple[int, ...] = ()
+    dtype: Any = None
+    dynamic: bool = False        # placed by an eager-only capture during the step, outside the frame
+    fired: bool = False          # eager: its capture point ran this step (frames split only between hooks)
+
+
+@dataclass
+class Frame:
+    step: int
+    tables: dict[str, RowTable]
+    offset: int | None = None    # ring range of the header and the planned rows
+    nbytes: int = 0
+    header: int = 0              # bytes of the status header at `offset`
+    hooks: list[HookRows] = field(default_factory=list)
+    extra: list[tuple[int, int]] = field(default_factory=list)  # (offset, bytes) of eager-only slots, in order
+    gaps: list = field(default_factory=list)  # GapBlocks recorded while planning and capturing this step
+    placed: list[HookRows] = field(default_factory=list)  # hooks whose rows this part of the frame holds
+    final: bool = True           # False: more parts of this step follow (a step larger than the ring)
+    stream: Any = None           # GPU: the stream the step's captures were enqueued on
+    done_event: Any = None       # GPU: recorded on `stream` when the step ended (the frame sealed)
+
+    @property
+    def rows(self) -> RowTable:
+        return self.tables[TOKENS]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The ring byte ranges this frame holds, in allocation order."""
+        out = [(self.offset, self.nbytes)] if self.offset is not None else []
+        return out + self.extra
+
+
+class Planner:
+    """Made once at attach from the bindings; plans every step."""
+
+    def __init__(self, bindings, row_filter, overload, device, fallback: set[int]):
+        self.bindings = bindings
+        self.filter = row_filter
+        self.overload = overload
+        self.fallback = fallback
+        self.groups = sorted({b.group for b in bindings} | {TOKENS})
+        self.group_index = {g: i for i, g in enumerate(self.groups)}
+        self.control = ControlTable(len(bindings), len(self.groups), device)
+        self.header = PayloadRing.aligned(8 * len(bindings))
+        self.fixed = [b.row_shape is not None and b.dtype is not None for b in bindings]
+
+    def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
+        tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
+        degraded = self.overload.update(step)
+        kept: dict[str, tuple] = {}
+        for g, table in tables.items():
+            keep, fb = self.filter.keep(step, table)
+            real = table.request >= 0
+            kept[g] = (keep, fb, int(real.sum()), int(real.sum() - keep.sum()))
+        frame = Frame(step, tables, header=self.header)
+        sizes = []
+        for i, b in enumerate(self.bindings):
+            keep, fb, produced, filtered = kept[b.group]
+            if degraded:
+                rows = fb if i in self.fallback else np.zeros_like(keep)
+            else:
+                rows = keep
+            src = np.flatnonzero(rows)
+            h = HookRows(i, b.group, src, produced, filtered, np.flatnonzero(keep & ~rows))
+            if self.fixed[i]:
+                h.row_shape, h.dtype = tuple(b.row_shape), b.dtype
+                h.nbytes = len(src) * b.row_bytes
+            else:
+                h.dynamic = True
+            frame.hooks.append(h)
+            sizes.append(h.nbytes)
+        ctrl = self.control
+        for g, (keep, fb, _, _) in kept.items():
+            n = int((fb if degraded else keep).sum())
+            if not ctrl.fits(n):
+                for h in frame.hooks:
+                    if h.group == g and len(h.src):
+                        h.reason, sizes[h.hook] = "plan_overflow", 0
+        dynamic = any(h.dynamic and len(h.src) for h in frame.hooks)
+        if any(sizes) or dynamic:
+            off, reasons = self.overload.reserve(self.header, sizes, alive, header_only=dynamic)
+        else:
+            off, reasons = None, [None] * len(sizes)
+        frame.offset = off
+        self._fill(frame, off, reasons, degraded, kept)
+        return frame
+
+    def _fill(self, frame: Frame, off: int | None, reasons, degraded: bool, kept) -> None:
+        ctrl = self.control
+        c = ctrl.ctrl_np
+        c[:] = 0
+        cursor = self.header
+        for h, why in zip(frame.hooks, reasons):
+            if h.reason is None and why is not None:
+                h.reason = why
+            if off is None or h.dynamic or not len(h.src) or h.reason is not None:
+                continue
+            self._point(frame, h, off + cursor, off)
+            cursor += PayloadRing.aligned(h.nbytes)
+        frame.nbytes = cursor if off is not None else 0
+        if off is None:
+            frame.header = 0
+        else:  # status words start at 0: a hook whose capture point never runs reads as not captured
+            self.overload.ring.buffer[off: off + self.header].zero_()
+        for g, (keep, fb, _, _) in kept.items():
+            src = np.flatnonzero(fb if degraded else keep)
+            if len(src) <= ctrl.capacity:
+                ctrl.rows_np[self.group_index[g], : len(src)] = src
+        ctrl.send()
+
+    def _point(self, frame: Frame, h: HookRows, offset: int, header: int) -> None:
+        """Hook h's rows go to `offset`, its status word into the header at `header`."""
+        h.offset = offset
+        b = self.bindings[h.hook]
+        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group],
+                                        frame.tables[h.group].n_rows, b.row_bytes, header + 8 * h.hook)
+        frame.placed.append(h)
+
+    def next_part(self, frame: Frame, first: int, alive) -> tuple[Frame, list[HookRows]]:
+        """The step outgrew the ring: a new part of its frame for the deferred hooks from
+        `first` on, in order, as many as fit (the caller sealed the earlier part)."""
+        part = Frame(frame.step, frame.tables, header=self.header, hooks=frame.hooks, stream=frame.stream)
+        todo = sorted((h for h in frame.hooks if h.reason == "deferred"), key=lambda h: (h.hook != first, h.hook))
+        sizes = [0] * len(frame.hooks)
+        for h in todo:
+            sizes[h.hook] = h.nbytes
+        off, reasons = self.overload.reserve(self.header, sizes, alive)
+        if off is None:
+            for h in todo:
+                h.reason = reasons[h.hook] or "ring_full"
+            part.header = 0
+            return part, todo
+        self.overload.ring.buffer[off: off + self.header].zero_()
+        cursor = self.header
+        for h in todo:
+            if reasons[h.hook] is None:
+                h.reason = None
+                self._point(part, h, off + cursor, off)
+                self.control.send_row(h.hook)
+                cursor += PayloadRing.aligned(h.nbytes)
+        part.offset, part.nbytes = off, cursor
+        return part, [h for h in todo if h.reason not in (None, "deferred")]
+
+    def split(self, frame: Frame) -> None:
+        """Before sealing a part of a step: hooks placed in it whose capture point has not run
+        yet move to the next part (their rows are not in this one)."""
+        for h in [h for h in frame.placed if not h.fired and not h.dynamic]:
+            frame.placed.remove(h)
+            h.offset, h.reason = None, "deferred"
+            self.control.ctrl_np[h.hook] = 0
+            self.control.send_row(h.hook)
+
+    def disable(self) -> None:
+        """Between steps nothing is planned: a stray forward writes nothing."""
+        self.control.ctrl_np[:] = 0
+        self.control.send()
+
+    def place_dynamic(self, frame: Frame, h: HookRows, offset: int, nbytes: int, xrows: int, row_bytes: int,
+                      row_shape, dtype) -> None:
+        """An eager-only hook's rows were given ring space during the step: point its ctrl row there."""
+        h.offset, h.nbytes, h.row_shape, h.dtype = offset, nbytes, tuple(row_shape), dtype
+        frame.extra.append((offset, nbytes))
+        frame.placed.append(h)
+        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group], xrows, row_bytes,
+                                        frame.offset + 8 * h.hook)
+        self.control.send_row(h.hook)
+
