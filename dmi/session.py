@@ -94,6 +94,11 @@ class Session:
             self._shutdown(complete=False)
             raise
         _ARMED[id(engine)] = self
+        self.strict = None
+        from dmi import strict
+
+        if strict.enabled():  # tests: record any dmi Python in the hot path (dmi/strict.py)
+            self.strict = strict.Probe(self).install()
         atexit.unregister(_close_open_sessions)
         atexit.register(_close_open_sessions)
 
@@ -333,6 +338,8 @@ class Session:
     def stats(self) -> dict:
         snap = self.acct.snapshot(self.ring)
         snap["host_copies_per_row"] = self.drain.copies_per_row()
+        if self.strict is not None:
+            snap["strict"] = list(self.strict.violations)
         return snap
 
     def flush(self, timeout: float | None = None) -> None:
@@ -367,6 +374,8 @@ class Session:
             finally:
                 self.adapter.disarm()
         finally:
+            if self.strict is not None:
+                self.strict.uninstall()
             if self.frame is not None:
                 self._seal(self.frame)
             _ARMED.pop(id(self.engine), None)

@@ -49,6 +49,7 @@ class HFAdapter(Adapter):
         self._local = threading.local()   # per calling thread: its generate state, its open boundary
         self._saved: dict[tuple[int, str], tuple[object, bool, object]] = {}
         self._outer_hooks: list = []
+        self._outer = 0  # brackets open around a compiled call (see compiled.py)
         self._root = _root_prefix(model, table)
         # GPU: build row tables without reading the device during decode (see rows.LateEos).
         # DMI_SYNC_FREE=1 forces that path on the CPU, where tests check it against the other.
@@ -211,19 +212,19 @@ class HFAdapter(Adapter):
 
     # -- step boundaries --------------------------------------------------------------
     def _begin(self, module, args, kwargs):
-        if getattr(self._local, "outer", 0):
-            return  # a boundary outside the compiled call began this step
         if torch.compiler.is_compiling():
-            compiled.dmi_step_boundary_runs_outside_compiled_code(self._step_begin, args, kwargs)
-        else:
+            # Traced: nothing when a boundary outside the compiled call began the step (a
+            # constant the graph guards on); otherwise a graph break that runs it eagerly.
+            if not self._outer:
+                compiled.dmi_step_boundary_runs_outside_compiled_code(self._step_begin, args, kwargs)
+        elif not (self._outer and self.session._owner == threading.get_ident()):
             self._step_begin(args, kwargs)
 
     def _end(self, module, args, output):
-        if getattr(self._local, "outer", 0):
-            return
         if torch.compiler.is_compiling():
-            compiled.dmi_step_boundary_runs_outside_compiled_code(self.session.end_step)
-        else:
+            if not self._outer:
+                compiled.dmi_step_boundary_runs_outside_compiled_code(self.session.end_step)
+        elif not (self._outer and self.session._owner == threading.get_ident()):
             self.session.end_step()
 
     def _outer_pre(self, module, args, kwargs):
@@ -231,15 +232,17 @@ class HFAdapter(Adapter):
 
     def outer_begin(self, args, kwargs) -> None:
         """A compiled call is about to run: plan its step here, outside the compiled code."""
-        depth = getattr(self._local, "outer", 0)
-        self._local.outer = depth + 1
-        if depth == 0:
-            self._step_begin(args, kwargs)
+        if self._outer and self.session._owner == threading.get_ident():
+            self._outer += 1  # nested brackets (a compiled module inside a bracketed call)
+            return
+        self._step_begin(args, kwargs)
+        self._outer = 1  # read only by the thread holding the step (the session serialises steps)
 
     def outer_end(self) -> None:
-        depth = getattr(self._local, "outer", 0)
-        self._local.outer = max(depth - 1, 0)
-        if depth == 1:
+        if not self._outer or self.session._owner != threading.get_ident():
+            return
+        self._outer -= 1
+        if self._outer == 0:
             self.session.end_step()
 
     def _step_begin(self, args, kwargs) -> None:

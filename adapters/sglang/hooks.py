@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 from dmi.adapter import Binding
 from dmi.errors import UnknownHookError
-import torch
-
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.plan import LOGITS, TOKENS
 
@@ -57,7 +55,9 @@ class HookMap:
             tap, where = offered[name]
             size = _DTYPE_SIZE.get(tap.dtype or "", self.dtype_size)
             idx = "" if where.index is None else f"[{where.index}]"
-            dtype = getattr(torch, tap.dtype) if tap.dtype else self.dtype
+            # Router ids come as int32 or int64 depending on the top-k kernel SGLang picks: their
+            # layout is read off the tensor (the eager-only path), every other row is planned.
+            dtype = None if tap.dtype else self.dtype
             out.append(SBinding(name, f"{where.module}:{where.io}{idx}", math.prod(tap.shape(self.dims)) * size,
                                 row_shape=tuple(tap.shape(self.dims)) if dtype is not None else None, dtype=dtype,
                                 group=LOGITS if tap.view == "last_rows" else TOKENS,
