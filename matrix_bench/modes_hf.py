@@ -13,7 +13,9 @@ import dmi
 import dmi.plugins
 
 MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight",
-         "off-graphs", "dmi-graphs")
+         "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk")
+# *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
+# timed until the file is written); dmi modes are likewise timed until their file is closed.
 # *-graphs: generate with a static KV cache, which transformers compiles (mode "reduce-overhead":
 # CUDA graphs) on a GPU; the same capture points then run inside the compiled decode step.
 
@@ -129,6 +131,44 @@ def _hidden_states_cpu(model):
         h.remove()
 
 
+def _write_h5(path: str, arrays: dict[str, torch.Tensor]) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for name, t in arrays.items():
+            f.create_dataset(name, data=t.numpy())
+
+
+def _hidden_states_disk(model, kwargs: dict, path: str) -> None:
+    """By hand: generate with output_hidden_states and output_logits, then h5py."""
+    out = model.generate(**kwargs, output_hidden_states=True, output_logits=True, return_dict_in_generate=True)
+    layers = len(out.hidden_states[0]) - 1
+    arrays = {f"layer{i}": torch.cat([step[i + 1].reshape(-1, step[i + 1].shape[-1]) for step in out.hidden_states])
+              for i in range(layers)}
+    arrays["logits"] = torch.stack(out.logits).reshape(-1, out.logits[0].shape[-1])
+    _write_h5(path, arrays)
+
+
+def _forward_hooks_disk(model, kwargs: dict, path: str) -> None:
+    """By hand: a forward hook per layer and on lm_head keeping `.clone()`s, then h5py."""
+    kept: dict[str, list] = {}
+
+    def keep(name):
+        def hook(m, a, o):
+            t = o[0] if isinstance(o, tuple) else o
+            kept.setdefault(name, []).append(t.detach().clone())
+        return hook
+
+    handles = [layer.register_forward_hook(keep(f"layer{i}")) for i, layer in enumerate(model.model.layers)]
+    handles.append(model.lm_head.register_forward_hook(keep("logits")))
+    try:
+        model.generate(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    _write_h5(path, {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) for k, v in kept.items()})
+
+
 class _SlowSinkPlugin:
     """A sink that sleeps before each write: what a slow disk or network store looks like."""
 
@@ -186,7 +226,7 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         ctx = _attentions_cpu(model)
     elif mode == "forward-hook-cpu":
         ctx = _forward_hooks_cpu(model)
-    elif mode == "nnsight":
+    elif mode in ("nnsight", "hf-hidden-states-disk", "forward-hook-disk"):
         ctx = contextlib.nullcontext()
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -199,14 +239,19 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
             with torch.no_grad():
                 if mode == "nnsight":
                     _nnsight_generate(model, dict(kwargs), decode_len)
+                elif mode.endswith("-disk"):
+                    path = os.path.join(workdir, f"{mode}.h5")
+                    (_hidden_states_disk if mode == "hf-hidden-states-disk" else _forward_hooks_disk)(model, kwargs,
+                                                                                                       path)
+                    os.unlink(path)
                 else:
                     model.generate(**kwargs)
             _sync(device)
+            if session is not None:  # persisted: timed until the file is closed, like the -disk baselines
+                facts.update(close_facts(session))
+                os.unlink(path)
             seconds = time.perf_counter() - t0
         facts["peak_rss"] = rss.peak
-    if session is not None:
-        facts.update(close_facts(session))
-        os.unlink(path)
     return {"seconds": seconds, **facts}
 
 

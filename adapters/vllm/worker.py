@@ -81,6 +81,10 @@ class WorkerAdapter(Adapter):
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session
         self.book.started = {external_id(r) for r in self.runner.input_batch.req_ids}
+        # The plan's tensors, held here for the graph: a compiled graph keeps the capture points
+        # it traced after disarm, so what they read must outlive the session (disarm zeroes the
+        # plan: inert, they write nothing).
+        self._ring, self._control = session.ring.buffer, session.planner.control
         model = self.runner.model
         by_method: dict[tuple[int, str], tuple[object, list]] = {}
         for i, b in enumerate(bindings):
@@ -119,6 +123,9 @@ class WorkerAdapter(Adapter):
         self._methods.append((obj, name))
 
     def disarm(self) -> None:
+        if getattr(self, "_control", None) is not None:
+            self._control.ctrl_np[:] = 0
+            self._control.send()
         # A compiled graph looks its hooks up in the modules' hook dicts when it runs:
         # removing them breaks it. They stay, inert: no bridge, no session.
         if not self._compiled():
@@ -175,10 +182,8 @@ class WorkerAdapter(Adapter):
         x = read(b.tap, self.dims, args, kwargs, out)
         if x is None:
             return
-        if torch.compiler.is_compiling():
-            if self.session is not None:  # traced: one dmi::capture node reading the plan's tensors
-                ring, rows, ctrl, slot = self.session.capture_args(i)
-                capture_op(ring, x, rows, ctrl, slot)
+        if torch.compiler.is_compiling():  # traced: one dmi::capture node reading the plan's tensors
+            capture_op(self._ring, x, self._control.rows, self._control.ctrl, i)
         elif self.session is not None:
             self.session.capture(i, x, flat=True)
 

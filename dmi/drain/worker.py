@@ -73,6 +73,7 @@ class Drain:
         self.copied_bytes = 0             # host copies the drain made
         self.row_bytes = 0                # bytes of the rows it handed on
         self._whole = True                # the last frame handed on ended its step
+        self._taken: list = []            # items the drain took and has not handed on yet
         self._warned: set[str] = set()
         self._drain = threading.Thread(target=self._run, args=(self._drain_loop, "drain"), name="dmi-drain",
                                        daemon=True)
@@ -102,7 +103,8 @@ class Drain:
 
     def _release_waiters(self) -> None:
         """Whatever waits on a dead thread is let go: markers are answered, frames counted."""
-        for item in self.frames.take_all(0):
+        taken, self._taken = self._taken, []
+        for item in taken + self.frames.take_all(0):
             self._discard(item)
         while True:
             item = self.host.get(timeout=0)
@@ -133,14 +135,15 @@ class Drain:
     # -- drain thread -----------------------------------------------------------------
     def _drain_loop(self) -> None:
         while True:
-            items = self.frames.take_all(timeout=0.05)
+            items = self._taken = self.frames.take_all(timeout=0.05)
             frames: list[Frame] = []
             batch: list = []
-            for item in items:
+            for k, item in enumerate(items):
                 if isinstance(item, Frame):
                     frames.append(item)
                     continue
                 self._drain_frames(frames, batch)  # order: everything before a marker or gap goes first
+                self._taken = items[k:]
                 if isinstance(item, Marker):
                     self._hand_over(batch)
                     self.host.put(item)
@@ -150,6 +153,7 @@ class Drain:
                     batch.append(item)
             self._drain_frames(frames, batch)
             self._hand_over(batch)
+            self._taken = []
 
     def _hand_over(self, batch: list) -> None:
         if batch:

@@ -17,6 +17,8 @@ ROW_CAPACITY = 8192  # source rows per group a GPU plan holds; more are recorded
 
 
 class ControlTable:
+    upload_entries: int | None = None  # GPU staging ring size override (tests: make it wrap often)
+
     def __init__(self, n_hooks: int, n_groups: int, device: torch.device, capacity: int = ROW_CAPACITY):
         self.n_hooks, self.n_groups = n_hooks, max(n_groups, 1)
         self.device = torch.device(device)
@@ -32,7 +34,7 @@ class ControlTable:
 
             self.host = np.zeros(size, dtype=np.int64)
             self.dev = torch.zeros(size, dtype=torch.int64, device=self.device)
-            self._upload = PinnedUpload(self.device, entries=max(4 * size, 1 << 17))
+            self._upload = PinnedUpload(self.device, entries=self.upload_entries or max(4 * size, 1 << 17))
             buf = self.dev
             torch._dynamo.mark_static_address(self.dev)
         else:
