@@ -24,6 +24,9 @@ def attach(engine, spec=None, *, progress: bool = False):
     adapter = plugins.adapter_for(engine)
     if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
         return adapter.open_session(spec, progress=progress)
+    from dmi.memory import check_ring_fits
+
+    check_ring_fits(spec.ring.bytes, adapter.device)
     sink = plugins.sink_for(spec.sink)
     return Session(engine, adapter, spec, sink, progress=progress)
 
