@@ -31,12 +31,13 @@ def attach(engine, spec=None, *, progress: bool = False):
     return Session(engine, adapter, spec, sink, progress=progress)
 
 
-def open(path, merge_ranks: bool = True):  # noqa: A001  (dmi.open is the public name)
+def open(path, merge_ranks: bool = True, salvage: bool = False):  # noqa: A001  (dmi.open is the public name)
     """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats.
-    A tensor-parallel run's rank files are merged into one unless merge_ranks=False."""
+    A tensor-parallel run's rank files are merged into one unless merge_ranks=False.
+    salvage=True reads what survives of a file that was cut short (a copy or disk that stopped)."""
     from dmi.reader import open_run
 
-    return open_run(path, merge_ranks=merge_ranks)
+    return open_run(path, merge_ranks=merge_ranks, salvage=salvage)
 
 
 __all__ = ["attach", "open", "CaptureSpec", "HookPoint", "DmiError", "SpecError", "UnknownHookError", "__version__"]
