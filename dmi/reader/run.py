@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 # What h5py raises on a damaged file (a bad checksum, a chunk index pointing nowhere, bytes that
 # do not decode): turned into a RunFileError naming the file and what was being read.
-_DAMAGE = (OSError, RuntimeError, KeyError, TypeError, IndexError, UnicodeDecodeError, json.JSONDecodeError)
+_DAMAGE = (OSError, RuntimeError, KeyError, UnicodeDecodeError, json.JSONDecodeError)
 
 
 class _UnknownName(KeyError):
@@ -157,7 +157,7 @@ class Run:
                                       and bool(_attr_value(self._f.attrs.get("complete", False))))
         except BaseException as e:
             self.close()
-            if isinstance(e, _DAMAGE + (ValueError,)) and not isinstance(e, RunFileError):
+            if isinstance(e, _DAMAGE + (ValueError, TypeError)) and not isinstance(e, RunFileError):
                 raise _damaged(self.path, "the file's attributes", e) from e
             raise
         self._in_call = False
@@ -524,6 +524,11 @@ def open_run(path: str | os.PathLike[str], merge_ranks: bool = True, salvage: bo
 
     try:
         return open_ranks(run, salvage=salvage)
+    except (ValueError, TypeError) as e:  # tensor-parallel attributes that do not parse
+        run.close()
+        if isinstance(e, RunFileError):
+            raise
+        raise _damaged(run.path, "the tensor-parallel attributes", e) from e
     except BaseException:
         run.close()
         raise
