@@ -34,6 +34,9 @@ def attach(engine, spec=None, *, progress: bool = False):
         adapter.wrappers.append(wrapper)
     if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
         return adapter.open_session(spec, progress=progress)
+    from dmi.memory import check_ring_fits
+
+    check_ring_fits(spec.ring.bytes, adapter.device)
     sink = plugins.sink_for(spec.sink)
     return Session(engine, adapter, spec, sink, progress=progress)
 
@@ -46,12 +49,13 @@ def _is_compiled_module(engine) -> bool:
     return isinstance(engine, OptimizedModule)
 
 
-def open(path, merge_ranks: bool = True):  # noqa: A001  (dmi.open is the public name)
+def open(path, merge_ranks: bool = True, salvage: bool = False):  # noqa: A001  (dmi.open is the public name)
     """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats.
-    A tensor-parallel run's rank files are merged into one unless merge_ranks=False."""
+    A tensor-parallel run's rank files are merged into one unless merge_ranks=False.
+    salvage=True reads what survives of a file that was cut short (a copy or disk that stopped)."""
     from dmi.reader import open_run
 
-    return open_run(path, merge_ranks=merge_ranks)
+    return open_run(path, merge_ranks=merge_ranks, salvage=salvage)
 
 
 __all__ = ["attach", "open", "CaptureSpec", "HookPoint", "DmiError", "SpecError", "UnknownHookError", "__version__"]

@@ -30,6 +30,14 @@ class SinkPathError(SpecError):
         super().__init__(field, message)
 
 
+class RunFileError(DmiError, ValueError):
+    """A run file cannot be read (missing parts, not HDF5, not dmi's, damaged). Names the file."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path!r}: {message}")
+
+
 class EngineNotSupportedError(ValueError):
     """No registered adapter recognises the engine object."""
 

@@ -77,6 +77,7 @@ class Session:
         self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos, self.names,
                            host_bytes=spec.ring.bytes)
         self.frames.alive = self.drain.alive
+        sink.stats_provider = self.stats  # the books go into every commit: a killed run keeps them
         self.drain.start()
         self.step = 0
         self.frame: Frame | None = None

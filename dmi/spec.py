@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,17 +16,26 @@ from dmi.errors import SpecError, closest
 TOKEN_MODES = ("all", "prefill", "decode", "last")
 OVERLOAD_MODES = ("block", "drop", "degrade")
 
+# Counts, positions and byte sizes end up in int64 arrays (row tables, the HDF5 file).
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(le=INT64_MAX)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TokenFilter(_Strict):
-    """Which token rows of the selected requests are kept. All conditions must hold."""
+    """Which token rows of the selected requests are kept. All conditions must hold.
+
+    `last` keeps, in each engine step, the last row of each request that has rows in that step:
+    the last prompt token of a prefill (or of each chunk of a chunked prefill), then every decode
+    row (a decode step has one row per request). Over a whole generate call: the prompt's last
+    position, then every position decoded after it."""
 
     mode: Literal["all", "prefill", "decode", "last"] = "all"
-    positions: list[tuple[int, int]] | None = None  # [start, stop) ranges of token positions
-    every: int = Field(1, ge=1)                     # positions p with p % every == 0
+    positions: list[tuple[Int64, Int64]] | None = None  # [start, stop) ranges of token positions
+    every: Int64 = Field(1, ge=1)                       # positions p with p % every == 0
 
     @field_validator("positions")
     @classmethod
@@ -41,39 +50,69 @@ class TokenFilter(_Strict):
         return v
 
     def is_subset_of(self, other: "TokenFilter") -> bool:
-        """Every row this filter keeps, `other` keeps too."""
-        mode_ok = other.mode == "all" or self.mode == other.mode
-        every_ok = self.every % other.every == 0
-        if other.positions is None:
-            pos_ok = True
-        elif self.positions is None:
-            pos_ok = False
-        else:
-            pos_ok = all(any(a <= s and e <= b for a, b in other.positions) for s, e in self.positions)
-        return mode_ok and every_ok and pos_ok
+        """Whether this filter, used as `other`'s degrade fallback, keeps only rows `other` keeps.
+
+        A fallback narrows its spec: while degraded a row is kept when the spec keeps it and the
+        fallback does too. So a condition the fallback leaves at its default (mode `all`, no
+        `positions`, `every` 1) is the spec's, and one it sets must lie within the spec's:
+        - mode: `all` and the spec's own mode always fit; `last` fits any mode (the last row of
+          each request in a step, if the spec keeps it); `prefill` and `decode` fit `all` or
+          `last` but exclude each other;
+        - positions: each fallback range inside one of the spec's ranges;
+        - every: a multiple of the spec's.
+        """
+        return self.why_not_within(other) is None
+
+    def why_not_within(self, other: "TokenFilter") -> str | None:
+        """None when `is_subset_of(other)`, else which condition reaches outside `other`."""
+        if {self.mode, other.mode} == {"prefill", "decode"}:
+            return f"mode {self.mode!r} keeps no row of the spec's mode {other.mode!r}"
+        if self.every != 1 and self.every % other.every:
+            return f"every {self.every} is not a multiple of the spec's every {other.every}"
+        if self.positions is not None and other.positions is not None:
+            outside = [(s, e) for s, e in self.positions
+                       if not any(a <= s and e <= b for a, b in other.positions)]
+            if outside:
+                s, e = outside[0]
+                return f"positions [{s}, {e}) are not within the spec's ranges {[list(r) for r in other.positions]}"
+        return None
 
 
 class RequestFilter(_Strict):
-    ids: list[str] | None = None
+    ids: list[str] | None = None  # request ids are strings; integers are taken as their decimal form
     sample: float = Field(1.0, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: Int64 = 0
     predicate: str | None = None  # a request predicate registered by a plugin (dmi_request_predicates)
 
-    @field_validator("ids")
+    @field_validator("ids", mode="before")
     @classmethod
-    def _non_empty(cls, v):
-        if v is not None and len(v) == 0:
+    def _ids(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, (str, int)):
+            v = [v]  # one id
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"expected a list of request ids, got {type(v).__name__}")
+        if len(v) == 0:
             raise ValueError("an empty id list selects nothing; use null for all requests")
-        return [str(x) for x in v] if v is not None else v
+        out = []
+        for x in v:
+            # HF ids are "0", "1", ...: an unquoted 0 in a YAML file means that request.
+            if isinstance(x, int) and not isinstance(x, bool):
+                x = str(x)
+            if not isinstance(x, str):
+                raise ValueError(f"request ids are strings (integers are converted), got {x!r}")
+            out.append(x)
+        return out
 
 
 class StepFilter(_Strict):
-    stride: int = Field(1, ge=1)
-    warmup: int = Field(0, ge=0)
+    stride: Int64 = Field(1, ge=1)
+    warmup: Int64 = Field(0, ge=0)
 
 
 class RingSpec(_Strict):
-    bytes: int = Field(256 * 2**20, gt=0)
+    bytes: Int64 = Field(256 * 2**20, gt=0)  # checked against the device's free memory at attach
 
 
 def _tokens(v):
@@ -115,6 +154,26 @@ class CaptureSpec(_Strict):
 
     _tokens = field_validator("tokens", mode="before")(classmethod(lambda cls, v: _tokens(v)))
 
+    @field_validator("ring", mode="before")
+    @classmethod
+    def _ring_bytes(cls, v):
+        # `ring: 67108864` is read as the ring's size in bytes.
+        if isinstance(v, int) and not isinstance(v, bool):
+            return {"bytes": v}
+        if not isinstance(v, (dict, RingSpec)):
+            raise ValueError(f"expected the ring's size in bytes (an integer) or {{'bytes': n}}, got {v!r}")
+        return v
+
+    @field_validator("sink", mode="before")
+    @classmethod
+    def _sink_given(cls, v):
+        if v is None:
+            raise ValueError("no sink given; write an output file path such as 'out.h5', "
+                             "or {'kind': ..., ...} for a plugin's sink")
+        if not isinstance(v, (str, dict)):
+            raise ValueError(f"expected an output file path (str) or {{'kind': ..., ...}}, got {type(v).__name__}")
+        return v
+
     @field_validator("hooks", mode="before")
     @classmethod
     def _hooks_list(cls, v):
@@ -145,7 +204,7 @@ class CaptureSpec(_Strict):
             return cls.from_file(obj)
         if isinstance(obj, str):
             try:
-                obj = json.loads(obj)
+                obj = json.loads(obj, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise SpecError("spec", f"not a spec file path and not valid JSON: {e}") from None
         if not isinstance(obj, dict):
@@ -163,11 +222,11 @@ class CaptureSpec(_Strict):
         text = p.read_text()
         try:
             if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
+                data = _load_yaml(text)
             else:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys)
+        except SpecError as e:
+            raise SpecError(e.field, f"{e.args[0].split(': ', 1)[1]} (in {str(p)!r})") from None
         except Exception as e:  # the parsers' own messages carry line and column
             raise SpecError("spec", f"malformed spec file {str(p)!r}: {e}") from None
         if not isinstance(data, dict):
@@ -178,12 +237,50 @@ class CaptureSpec(_Strict):
         return self.model_dump_json()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is a mistake (the parser would keep the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecError(str(key), "given twice in the spec; keep one")
+        out[key] = value
+    return out
+
+
+def _load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing a mapping that gives one key twice (safe_load keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges defaults that the mapping's own keys override
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: the base constructor reports it
+                break
+            if dup:
+                raise SpecError(str(key), f"given twice in the spec (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def _as_spec_error(e: pydantic.ValidationError) -> SpecError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "spec"
     if err["type"] == "value_error" and not err["loc"] and "degrade" in err["msg"]:
         loc = "overload"
     msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
     if err["type"] == "extra_forbidden":
         parent = CaptureSpec
         for part in err["loc"][:-1]:

@@ -51,8 +51,8 @@ def test_run_then_inspect(tiny_dirs, load, tmp_path):
 def test_bad_input_exits_2_with_a_message(tiny_dirs, tmp_path):
     spec = tmp_path / "s.json"
     spec.write_text('{"hooks": ["blocks.0.hook_resid_psot"]}')
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("hello\n")
+    prompts = tmp_path / "p.jsonl"  # token ids: the tiny model folder has no tokenizer for text
+    prompts.write_text('{"input_ids": [1, 2]}\n')
     r = _dmi("run", "--model", str(tiny_dirs["qwen3"]), "--spec", str(spec), "--prompts", str(prompts),
              "--out", str(tmp_path / "o.h5"))
     assert r.returncode == 2

@@ -14,6 +14,12 @@ visible instead of silent:
   when the session opened, whose first positions were computed unwatched);
 - a step that starts before it (a preempted request recomputed from scratch) repeats
   positions already on file, which are not recorded twice.
+
+Logits rows exist only where a request samples: its last prompt position and every decode
+position after it. So of the positions a step skipped, only those (`skipped_logits`) are
+missing logits rows; a prefix-cache hit never is one, since the engine always computes the
+last prompt token. The worker records `skipped` as gaps of the token hooks and
+`skipped_logits` as gaps of the logits hook.
 """
 from __future__ import annotations
 
@@ -34,6 +40,8 @@ class StepRows:
     tokens: RowTable
     logits: RowTable
     skipped: list[tuple[str, np.ndarray, str]]   # (request, positions, reason) never seen computed
+    # the same for logits rows: the skipped positions that would have had one
+    skipped_logits: list[tuple[str, np.ndarray, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -61,7 +69,7 @@ class RowBook:
         l_request = np.full(len(req_ids), -1, np.int32)
         l_position = np.zeros(len(req_ids), np.int64)
         l_phase = np.full(len(req_ids), PREFILL, np.int8)
-        skipped = []
+        skipped, skipped_logits = [], []
         start = 0
         for i, (ext, c) in enumerate(zip(ids, counts)):
             c = int(c)
@@ -74,6 +82,9 @@ class RowBook:
             if first > seen:
                 why = "before_attach" if ext in self.started and ext not in self.next_pos else "prefix_cache"
                 skipped.append((ext, np.arange(seen, first, dtype=np.int64), why))
+                sampled_from = max(seen, int(num_prompt[i]) - 1)  # the first position with a logits row
+                if first > sampled_from:
+                    skipped_logits.append((ext, np.arange(sampled_from, first, dtype=np.int64), why))
             fresh = pos >= seen
             request[start:end] = np.where(fresh, i, -1)
             position[start:end] = pos
@@ -90,4 +101,4 @@ class RowBook:
         tokens = RowTable(batch=1, tokens=n, request_ids=ids, request=request, position=position, phase=phase)
         logits = RowTable(batch=1, tokens=len(ids), request_ids=ids, request=l_request, position=l_position,
                           phase=l_phase)
-        return StepRows(tokens, logits, skipped)
+        return StepRows(tokens, logits, skipped, skipped_logits)

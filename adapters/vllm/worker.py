@@ -173,8 +173,13 @@ class WorkerAdapter(Adapter):
         counts = np.array([self._sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         rows = self.book.step(req_ids, counts, positions.detach().cpu().numpy(),
                               batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n])
-        for rid, pos, why in rows.skipped:
-            self.session.not_computed(rid, pos, why)
+        s = self.session
+        logits = [i for i, b in enumerate(s.bindings) if b.group == LOGITS]
+        tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
+        for rid, pos, why in rows.skipped:  # only a logits row's own position can be a logits gap
+            s.not_computed(rid, pos, why, hooks=tokens)
+        for rid, pos, why in rows.skipped_logits:
+            s.not_computed(rid, pos, why, hooks=logits)
         self.session.begin_step(rows.tokens, {LOGITS: rows.logits})
         self._in_step = True
 

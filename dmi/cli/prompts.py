@@ -19,9 +19,16 @@ def read_prompts(path: str) -> list[str | list[int]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON: {e}") from None
             if isinstance(obj, dict) and "input_ids" in obj:
-                prompts.append([int(t) for t in obj["input_ids"]])
+                ids = obj["input_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ValueError(f"{path}:{n}: input_ids must be a list of integer token ids")
+                if not ids:
+                    raise ValueError(f"{path}:{n}: empty prompt (input_ids is []); every prompt needs a token")
+                prompts.append(ids)
             elif isinstance(obj, dict) and "prompt" in obj:
-                prompts.append(str(obj["prompt"]))
+                if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+                    raise ValueError(f"{path}:{n}: 'prompt' must be non-empty text, got {obj['prompt']!r}")
+                prompts.append(obj["prompt"])
             else:
                 raise ValueError(f"{path}:{n}: expected {{'prompt': str}} or {{'input_ids': [int, ...]}}")
         else:

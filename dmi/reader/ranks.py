@@ -30,7 +30,7 @@ def rank_path(path: str, rank: int) -> str:
 class ShardedRun:
     """Reads like a Run; hooks sliced across ranks come back whole. `ranks[r]` is rank r's Run."""
 
-    def __init__(self, first: Run, tp_size: int) -> None:
+    def __init__(self, first: Run, tp_size: int, salvage: bool = False) -> None:
         self.tp_size = tp_size
         self.ranks: list[Run] = [first]
         self._held: dict[str, list[tuple[Run, Shard]]] = {}
@@ -41,7 +41,7 @@ class ShardedRun:
                     raise FileNotFoundError(f"{first.path!r} was captured by {tp_size} tensor-parallel ranks, but "
                                             f"rank {r}'s file {other!r} is missing; keep the rank files beside the "
                                             f"first, or read rank 0 alone with dmi.open(path, merge_ranks=False)")
-                self.ranks.append(Run(other))
+                self.ranks.append(Run(other, salvage=salvage))
         except BaseException:
             self.close()
             raise
@@ -90,7 +90,7 @@ class ShardedRun:
             if self.ranks[0].shard(hook) is None:
                 held = []
             else:
-                held = [(r, r.shard(hook)) for r in self.ranks if hook in r.hooks]
+                held = [(r, r.shard(hook)) for r in self.ranks if hook in r.hooks and r.holds(hook)]
                 _check_covered(hook, [s for _, s in held])
             self._held[hook] = held
         return held or None
@@ -217,10 +217,10 @@ def _paste(parts: list[tuple[torch.Tensor, Shard]]) -> torch.Tensor:
     return out
 
 
-def open_ranks(first: Run) -> Run | ShardedRun:
+def open_ranks(first: Run, salvage: bool = False) -> Run | ShardedRun:
     """`first` alone, or with its sibling rank files when it was captured under tensor parallelism."""
     tp_size = int(first.meta.get("tp_size", 1) or 1)
     if tp_size <= 1 or int(first.meta.get("tp_rank", 0) or 0) != 0:
         return first
-    return ShardedRun(first, tp_size)
+    return ShardedRun(first, tp_size, salvage=salvage)
 

@@ -17,6 +17,8 @@ import h5py
 import numpy as np
 import torch
 
+from dmi.errors import RunFileError
+from dmi.reader import salvage as _salvage
 from dmi.sinks.hdf5 import FORMAT, FORMAT_VERSION
 
 # A request's rows are spread over the file (requests are batched together), so reading them
@@ -31,8 +33,18 @@ _LIVE_RETRIES = 4
 T = TypeVar("T")
 
 
+# What h5py raises on a damaged file (a bad checksum, a chunk index pointing nowhere, bytes that
+# do not decode): turned into a RunFileError naming the file and what was being read.
+_DAMAGE = (OSError, RuntimeError, KeyError, UnicodeDecodeError, json.JSONDecodeError)
+
+
+class _UnknownName(KeyError):
+    """A hook or request the run does not have: the caller's mistake, not damage."""
+
+
 def _live(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry `fn` after reopening the file when a read of an incomplete (live) run fails."""
+    """Retry `fn` after reopening the file when a read of an incomplete (live) run fails; a read
+    that still fails means the file is damaged, which is said as such."""
 
     @functools.wraps(fn)
     def wrapper(self: Run, *args: Any, **kwargs: Any) -> T:
@@ -44,16 +56,28 @@ def _live(fn: Callable[..., T]) -> Callable[..., T]:
             while True:
                 try:
                     return fn(self, *args, **kwargs)
-                except (OSError, RuntimeError):
-                    if self._complete_at_open or self._f is None or attempt >= _LIVE_RETRIES:
-                        raise
+                except (OSError, RuntimeError) as e:
+                    if (self._complete_at_open or self._f is None or self._salvaged is not None
+                            or attempt >= _LIVE_RETRIES):
+                        raise _damaged(self.path, fn.__name__, e) from e
                     attempt += 1
                     time.sleep(0.02 * attempt)
                     self._reopen()
+                except _UnknownName:
+                    raise
+                except _DAMAGE as e:
+                    raise _damaged(self.path, fn.__name__, e) from e
         finally:
             self._in_call = False
 
     return wrapper
+
+
+def _damaged(path: str, what: str, e: BaseException) -> RunFileError:
+    if isinstance(e, RunFileError):
+        return e
+    return RunFileError(path, f"reading {what} failed, the file is damaged or was cut short "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})")
 
 
 def natural_key(name: str) -> tuple[Any, ...]:
@@ -69,7 +93,7 @@ def _unknown(kind: str, name: str, valid: list[str]) -> KeyError:
         hint = f"; this run has no {kind}s"
     elif not close and len(valid) <= 10:
         hint = f"; valid {kind}s: {', '.join(repr(v) for v in valid)}"
-    return KeyError(f"unknown {kind} {name!r}{hint}")
+    return _UnknownName(f"unknown {kind} {name!r}{hint}")
 
 
 def _attr_value(v: Any) -> Any:
@@ -107,27 +131,35 @@ class _Index:
 class Run:
     """One captured run. Open with `open_run(path)`; use as a context manager or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], salvage: bool = False) -> None:
         self.path = os.fspath(path)
         p = Path(self.path)
         if not p.exists():
             raise FileNotFoundError(f"no such dmi run file: {self.path!r}")
         if p.is_dir():
             raise ValueError(f"{self.path!r} is a directory, not a dmi run file")
-        self._f: h5py.File | None = _open_h5(self.path)
+        # salvage: what of a truncated file survives (dmi.reader.salvage); None when not salvaged
+        self._salvaged: dict[str, Any] | None = None
+        self._raw: _salvage.PaddedFile | None = None
+        self._f: h5py.File | None = None
+        if salvage and _salvage.truncation(self.path) is not None:
+            self._salvaged = _salvage.salvage_limits(self.path)
+        self._open()
         try:
             fmt = _attr_value(self._f.attrs.get("format"))
             if fmt != FORMAT:
-                raise ValueError(f"{self.path!r} is not a dmi run file "
-                                 f"(format attribute is {fmt!r}, expected {FORMAT!r})")
+                raise RunFileError(self.path, f"not a dmi run file (format attribute is {fmt!r}, expected {FORMAT!r})")
             version = int(_attr_value(self._f.attrs.get("format_version", 0)))
             if version > FORMAT_VERSION:
-                raise ValueError(f"{self.path!r} has dmi-hdf5 format_version {version}; this dmi "
-                                 f"reads up to {FORMAT_VERSION}, upgrade dmi")
-        except BaseException:
-            self._f.close()
+                raise RunFileError(self.path, f"has dmi-hdf5 format_version {version}; this dmi reads up to "
+                                              f"{FORMAT_VERSION}, upgrade dmi")
+            self._complete_at_open = (self._salvaged is None
+                                      and bool(_attr_value(self._f.attrs.get("complete", False))))
+        except BaseException as e:
+            self.close()
+            if isinstance(e, _DAMAGE + (ValueError, TypeError)) and not isinstance(e, RunFileError):
+                raise _damaged(self.path, "the file's attributes", e) from e
             raise
-        self._complete_at_open = bool(_attr_value(self._f.attrs.get("complete", False)))
         self._in_call = False
         self._requests: list[str] | None = None
         self._request_pos: dict[str, int] | None = None
@@ -142,13 +174,25 @@ class Run:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    def _open(self) -> None:
+        if self._salvaged is None:
+            self._f = _open_h5(self.path)
+        else:
+            self._f, self._raw = _salvage.open_padded(self.path, self._salvaged["length"])
 
     def _reopen(self) -> None:
         # Cached indexes stay valid: a sink only appends rows and never rewrites earlier ones.
         old, self._f = self._f, None
         if old is not None:
             old.close()
-        self._f = _open_h5(self.path)
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+        self._open()
 
     def refresh(self) -> Run:
         """Catch up with a run another process is still writing: reopen the file and forget the
@@ -157,7 +201,7 @@ class Run:
         self._requests = self._request_pos = self._hooks = self._meta = None
         self._index.clear()
         self._steps.clear()
-        self._complete_at_open = bool(_attr_value(self.file.attrs.get("complete", False)))
+        self._complete_at_open = self._salvaged is None and bool(_attr_value(self.file.attrs.get("complete", False)))
         return self
 
     def __enter__(self) -> Run:
@@ -188,6 +232,8 @@ class Run:
         if self._requests is None:
             ds = self.file["requests"]
             n = self._committed(self.file.attrs, ds.shape[0], "committed_requests")
+            if self._salvaged is not None:
+                n = min(n, self._salvaged["requests"])
             self._requests = [str(s) for s in ds.asstr()[:n]] if n else []
         return list(self._requests)
 
@@ -195,11 +241,12 @@ class Run:
     @_live
     def hooks(self) -> list[str]:
         if self._hooks is None:
-            # Forward order, as the session selected them; hooks the file has beyond that list
-            # (a plugin sink's, a newer writer's) follow in natural order.
+            # Every hook the session selected, in forward order, also those with no committed
+            # row yet (a crashed or live run; they read as empty); hooks the file has beyond
+            # that list (a plugin sink's, a newer writer's) follow in natural order.
             stored = set(self.file["hooks"].keys())
             selected = self.meta.get("hooks")
-            first = [h for h in selected if h in stored] if isinstance(selected, list) else []
+            first = [str(h) for h in selected] if isinstance(selected, list) else []
             self._hooks = first + sorted(stored - set(first), key=natural_key)
         return list(self._hooks)
 
@@ -212,7 +259,9 @@ class Run:
             for key in json_attrs:
                 if isinstance(attrs.get(key), str):
                     attrs[key] = json.loads(attrs[key])
-            attrs["complete"] = bool(attrs.get("complete", False))
+            attrs["complete"] = bool(attrs.get("complete", False)) and self._salvaged is None
+            if self._salvaged is not None:
+                attrs["salvaged"] = copy.deepcopy(self._salvaged)
             self._meta = attrs
         return copy.deepcopy(self._meta)
 
@@ -228,40 +277,65 @@ class Run:
     @property
     @_live
     def stats(self) -> dict[str, Any]:
+        """The session's books as of the writer's last commit (at close for a complete run),
+        plus `committed` per hook and in `rows`: the rows this file holds that a reader may
+        trust. A file whose writer stopped before its first commit has no books: only
+        `committed` then."""
         grp = self.file.get("stats")
-        if grp is None or "json" not in grp.attrs:
-            return {}
-        return json.loads(_attr_value(grp.attrs["json"]))
+        stats = json.loads(_attr_value(grp.attrs["json"])) if grp is not None and "json" in grp.attrs else {}
+        if not isinstance(stats, dict):
+            stats = {}
+        per_hook = stats.get("hooks") if isinstance(stats.get("hooks"), dict) else {}
+        committed = {h: self.num_rows(h) for h in self.hooks}
+        for h in per_hook:
+            committed.setdefault(h, 0)
+        stats["hooks"] = {h: {**(per_hook.get(h) or {}), "committed": n} for h, n in committed.items()}
+        stats["rows"] = {**(stats.get("rows") or {}), "committed": sum(committed.values())}
+        return stats
 
     @_live
-    def dtype(self, hook: str) -> str:
-        """Torch dtype name of the hook's rows, e.g. "bfloat16"."""
-        return str(_attr_value(self._group(hook).attrs["dtype"]))
+    def dtype(self, hook: str) -> str | None:
+        """Torch dtype name of the hook's rows, e.g. "bfloat16"; None for a hook with no row yet."""
+        grp = self._group(hook)
+        return None if grp is None else str(_attr_value(grp.attrs["dtype"]))
 
     @_live
     def shape(self, hook: str) -> tuple[int, ...]:
-        """Row shape; for ragged hooks the last dim is the widest row stored."""
-        return tuple(int(d) for d in self._group(hook)["data"].shape[1:])
+        """Row shape; for ragged hooks the last dim is the widest row stored; () with no row yet."""
+        grp = self._group(hook)
+        return () if grp is None else tuple(int(d) for d in grp["data"].shape[1:])
 
     @_live
     def ragged(self, hook: str) -> bool:
-        return bool(self._group(hook).attrs.get("ragged", False))
+        grp = self._group(hook)
+        return grp is not None and bool(grp.attrs.get("ragged", False))
 
     @_live
     def source(self, hook: str) -> str:
-        return str(_attr_value(self._group(hook).attrs.get("source", "")))
+        grp = self._group(hook)
+        return "" if grp is None else str(_attr_value(grp.attrs.get("source", "")))
 
     @_live
     def shard(self, hook: str) -> tuple[int, int, int, int] | None:
         """(dim, start, stop, full): the slice of each row this file holds, when a tensor-parallel
         rank captured only part of it; None when rows are whole."""
-        value = self._group(hook).attrs.get("shard")
+        grp = self._group(hook)
+        value = None if grp is None else grp.attrs.get("shard")
         return None if value is None else tuple(int(v) for v in _attr_value(value))
+
+    def holds(self, hook: str) -> bool:
+        """Whether the file has stored rows of `hook` (a selected hook may have none yet)."""
+        return self._group(hook) is not None
 
     @_live
     def num_rows(self, hook: str) -> int:
         grp = self._group(hook)
-        return self._committed(grp.attrs, grp["data"].shape[0])
+        if grp is None:
+            return 0
+        n = self._committed(grp.attrs, grp["data"].shape[0])
+        if self._salvaged is not None:
+            n = min(n, self._salvaged["hooks"].get(hook, 0))
+        return n
 
     def _committed(self, attrs, stored: int, key: str = "committed") -> int:
         """Rows a reader may trust: all of a complete run; of an incomplete (live or crashed)
@@ -273,21 +347,28 @@ class Run:
     @_live
     def nbytes(self, hook: str) -> int:
         """Bytes the hook's data occupies in the file (whole chunks, so at least one chunk)."""
-        return int(self._group(hook)["data"].id.get_storage_size())
+        grp = self._group(hook)
+        return 0 if grp is None else int(grp["data"].id.get_storage_size())
 
     @_live
     def data_bytes(self, hook: str) -> int:
         """Bytes of the rows themselves: rows x row size."""
-        ds = self._group(hook)["data"]
+        grp = self._group(hook)
+        if grp is None:
+            return 0
+        ds = grp["data"]
         return int(self.num_rows(hook) * int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize)
 
     # -- rows --------------------------------------------------------------------------------
 
     @_live
     def get(self, hook: str, request: str) -> torch.Tensor:
-        """The request's rows of `hook`, ordered by position: [n_rows, *row_shape]."""
+        """The request's rows of `hook`, ordered by position: [n_rows, *row_shape] (shape [0]
+        for a hook the file holds no row of yet)."""
         grp = self._group(hook)
         req = self._request_idx(request)
+        if grp is None:
+            return torch.empty(0)
         idx = self._hook_index(hook)
         rows = idx.rows_of(req)
         ds = grp["data"]
@@ -301,14 +382,18 @@ class Run:
 
     @_live
     def positions(self, hook: str, request: str) -> torch.Tensor:
-        self._group(hook)
+        grp = self._group(hook)
         req = self._request_idx(request)
+        if grp is None:
+            return torch.empty(0, dtype=torch.int64)
         return torch.from_numpy(self._hook_index(hook).positions_of(req).copy())
 
     @_live
     def steps(self, hook: str, request: str) -> torch.Tensor:
         grp = self._group(hook)
         req = self._request_idx(request)
+        if grp is None:
+            return torch.empty(0, dtype=torch.int64)
         rows = self._hook_index(hook).rows_of(req)
         col = self._steps.get(hook)
         if col is None:
@@ -320,13 +405,18 @@ class Run:
         """Rows start:stop of `hook` in file (arrival) order, untrimmed; for scans over big files."""
         n = self.num_rows(hook)
         stop = n if stop is None else min(stop, n)
-        return self._to_tensor(self._group(hook)["data"][start:stop], hook)
+        grp = self._group(hook)
+        if grp is None:
+            return torch.empty(0)
+        return self._to_tensor(grp["data"][start:stop], hook)
 
     @_live
     def gaps(self, hook: str | None = None, request: str | None = None) -> list[dict[str, Any]]:
         """Dropped rows, as dicts with hook, request, position, step and reason."""
         g = self.file.get("gaps")
         n = 0 if g is None else self._committed(g.attrs, g["request"].shape[0])
+        if self._salvaged is not None:
+            n = min(n, self._salvaged["gaps"])
         empty = n == 0
         hooks = np.empty(0, dtype=object) if empty else np.asarray(g["hook"].asstr()[:n], dtype=object)
         # A hook may appear only here (every row of it dropped), so both places count as known.
@@ -350,9 +440,10 @@ class Run:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _group(self, hook: str) -> h5py.Group:
+    def _group(self, hook: str) -> h5py.Group | None:
+        """The hook's group; None for a selected hook the file has no row of yet."""
         grp = self.file["hooks"].get(hook) if "/" not in hook else None
-        if grp is None:
+        if grp is None and hook not in self.hooks:
             raise _unknown("hook", hook, self.hooks)
         return grp
 
@@ -411,21 +502,33 @@ def _open_h5(path: str) -> h5py.File:
             error = e
             if "locking" not in str(e):
                 break
-    raise ValueError(f"{path!r} is not a readable HDF5 file: {error}") from error
+    cut = _salvage.truncation(path)
+    if cut is not None:
+        raise RunFileError(path, f"truncated: {cut[0]} of the {cut[1]} bytes its HDF5 superblock records are "
+                                 f"present (a copy, download or disk cut it short); dmi.open(path, salvage=True) "
+                                 f"reads the rows that survive") from error
+    raise RunFileError(path, f"not a readable HDF5 file: {error}") from error
 
 
-def open_run(path: str | os.PathLike[str], merge_ranks: bool = True):
+def open_run(path: str | os.PathLike[str], merge_ranks: bool = True, salvage: bool = False):
     """Open a dmi HDF5 run for reading (safe while another process is still writing it).
 
     A run captured under tensor parallelism is rank 0's file plus "<path>.rank<r>" per other
-    rank; with merge_ranks (the default) they read as one run (dmi.reader.ranks)."""
-    run = Run(path)
+    rank; with merge_ranks (the default) they read as one run (dmi.reader.ranks).
+    salvage=True reads what survives of a file cut short (dmi.reader.salvage); `run.meta
+    ["salvaged"]` then says how much was present, and the run reads as incomplete."""
+    run = Run(path, salvage=salvage)
     if not merge_ranks:
         return run
     from dmi.reader.ranks import open_ranks
 
     try:
-        return open_ranks(run)
+        return open_ranks(run, salvage=salvage)
+    except (ValueError, TypeError) as e:  # tensor-parallel attributes that do not parse
+        run.close()
+        if isinstance(e, RunFileError):
+            raise
+        raise _damaged(run.path, "the tensor-parallel attributes", e) from e
     except BaseException:
         run.close()
         raise

@@ -28,7 +28,7 @@ def summarize(run: Run) -> str:
     meta = run.meta
     out: list[str] = [
         f"file:      {run.path}",
-        f"status:    {'complete' if meta.get('complete') else 'INCOMPLETE (writer still running or crashed)'}",
+        f"status:    {_status(meta)}",
         f"dmi:       {meta.get('dmi_version', '?')}  (format {meta.get('format')} v{meta.get('format_version', '?')})",
         f"engine:    {meta.get('engine', '?')}",
         f"model:     {meta.get('model', '?')}",
@@ -46,7 +46,7 @@ def summarize(run: Run) -> str:
     out += ["", f"hooks: {len(hooks)}"]
     if hooks:
         out += _table(["hook", "dtype", "row shape", "rows", "MB"], [
-            [h, run.dtype(h) + (" ragged" if run.ragged(h) else ""), _shape(run.shape(h)),
+            [h, (run.dtype(h) or "-") + (" ragged" if run.ragged(h) else ""), _shape(run.shape(h)) if run.dtype(h) else "-",
              str(run.num_rows(h)), f"{run.data_bytes(h) / 1e6:.2f}"]
             for h in hooks
         ], right={3, 4})
@@ -57,6 +57,16 @@ def summarize(run: Run) -> str:
     if hooks:
         out += [""] + _norms(run, hooks)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _status(meta: dict[str, Any]) -> str:
+    if meta.get("complete"):
+        return "complete"
+    cut = meta.get("salvaged")
+    if isinstance(cut, dict):
+        return (f"INCOMPLETE, salvaged: {cut.get('size')} of {cut.get('length')} bytes present; "
+                f"rows past the cut are left out")
+    return "INCOMPLETE (writer still running or crashed)"
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -80,12 +90,16 @@ def _drops(run: Run) -> list[str]:
     gap_rows = run.gaps()
     gap_drops = Counter(g["hook"] for g in gap_rows)
     out = []
-    if hook_stats:
-        counters = ("produced", "filtered", "written", "dropped")
+    # A run whose writer stopped before its first commit with stats has no books, only the
+    # rows the file holds: say so rather than print zeros that look like a clean run.
+    has_books = any("produced" in c for c in hook_stats.values())
+    if has_books:
+        counters = ("produced", "filtered", "written", "committed", "dropped")
         rows = [[h] + [str(int(c.get(k, 0))) for k in counters] + [str(gap_drops.get(h, 0))]
                 for h, c in sorted(hook_stats.items(), key=lambda kv: natural_key(kv[0]))]
-        out += ["accounting (rows per hook; produced = filtered + written + dropped):"]
-        out += _table(["hook", *counters, "gaps"], rows, right={1, 2, 3, 4, 5})
+        out += ["accounting (rows per hook; produced = filtered + written + dropped; committed: in the file, "
+                "readable):"]
+        out += _table(["hook", *counters, "gaps"], rows, right={1, 2, 3, 4, 5, 6})
         ring = stats.get("ring") or {}
         if ring:
             out.append(f"ring: {_human(ring.get('bytes', 0))}, high-water "
@@ -94,8 +108,12 @@ def _drops(run: Run) -> list[str]:
         out.append(f"throughput: drain {stats.get('drain_mb_s', 0):.1f} MB/s, sink {stats.get('sink_mb_s', 0):.1f} MB/s "
                    f"over {stats.get('elapsed_s', 0):.1f} s, {stats.get('steps', 0)} steps")
         out.append("")
-    total = sum(int(c.get("dropped", 0)) for c in hook_stats.values()) if hook_stats else len(gap_rows)
-    head = f"dropped rows: {total} (stats), {len(gap_rows)} (gaps)"
+    if has_books:
+        total = sum(int(c.get("dropped", 0)) for c in hook_stats.values())
+        head = f"dropped rows: {total} (stats), {len(gap_rows)} (gaps)"
+    else:
+        out.append("accounting: none recorded (the writer stopped before it committed its books)")
+        head = f"dropped rows: {len(gap_rows)} (gaps)"
     reasons = Counter(g["reason"] for g in gap_rows)
     if reasons:
         head += "  by reason: " + ", ".join(f"{r}={n}" for r, n in reasons.most_common())
@@ -178,7 +196,7 @@ def _norm_cell(run: Run, hook: str | None, max_bytes: int) -> str:
     n = run.num_rows(hook)
     if n == 0:
         return "no rows"
-    dt = getattr(torch, run.dtype(hook), None)
+    dt = getattr(torch, run.dtype(hook) or "", None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         return f"n={n}"
     try:

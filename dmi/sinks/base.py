@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -85,7 +85,13 @@ class GapBlock:
 
 class Sink:
     """Base class for sinks. Called from one thread only (the sink thread), in this order:
-    open(meta) once, then any number of write()/write_gaps(), then close(stats, complete)."""
+    open(meta) once, then any number of write()/write_gaps(), then close(stats, complete).
+
+    `stats_provider`, when the session sets it, returns the session's current stats dict; a
+    sink that commits in steps may store it at each commit, so that a run which never reaches
+    close() still has its books (the HDF5 sink does). It may be called from the sink thread."""
+
+    stats_provider: Callable[[], dict[str, Any]] | None = None
 
     def open(self, meta: RunMeta) -> None:
         raise NotImplementedError

@@ -256,6 +256,15 @@ class HDF5Sink(Sink):
         f.attrs["committed_requests"] = f["requests"].shape[0]
         f.attrs["commits"] = int(f.attrs.get("commits", 0)) + 1
         f.attrs["committed_at"] = datetime.now(timezone.utc).isoformat()
+        # The books as of this commit, so a run that never reaches close() (killed, crashed)
+        # still has them; close() overwrites them with the final ones.
+        provider = self.stats_provider
+        if provider is not None:
+            try:
+                stats = provider()
+            except Exception as e:  # the books are worth less than the commit: keep committing
+                stats = {"errors": [f"stats at commit failed: {type(e).__name__}: {e}"]}
+            f.require_group("stats").attrs["json"] = _dumps(stats)
         f.flush()
 
     # -- rows --------------------------------------------------------------------------------

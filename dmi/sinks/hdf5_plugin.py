@@ -1,6 +1,8 @@
 """Registers the HDF5 sink for string paths and {"kind": "hdf5", "path": ...}."""
 from __future__ import annotations
 
+import os
+
 from dmi.plugins import hookimpl
 
 
@@ -10,6 +12,10 @@ def dmi_sink_for(sink_spec):
         path = sink_spec
     elif isinstance(sink_spec, dict) and sink_spec.get("kind") == "hdf5":
         path = sink_spec.get("path")
+        if not isinstance(path, (str, os.PathLike)):
+            from dmi.errors import SinkPathError
+
+            raise SinkPathError(f"{{'kind': 'hdf5'}} needs 'path': the output file, got {path!r}", field="sink.path")
     else:
         return None
     from .hdf5 import HDF5Sink
@@ -18,4 +24,24 @@ def dmi_sink_for(sink_spec):
         if isinstance(sink_spec, dict) else {}
     sink = HDF5Sink(path, **kwargs)
     HDF5Sink.check_writable(path)
+    _check_not_open_here(sink.path)
     return sink
+
+
+def _check_not_open_here(path: str) -> None:
+    """HDF5 cannot recreate a file this process still has open (a Run from dmi.open, a
+    plain h5py.File); say which file and what to close, before anything is created."""
+    import h5py
+
+    target = os.path.realpath(path)
+    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        try:
+            name = os.fsdecode(fid.name)
+        except Exception:  # an id closed meanwhile
+            continue
+        if os.path.realpath(name) == target:
+            from dmi.errors import SinkPathError
+
+            raise SinkPathError(f"cannot write HDF5 output {path!r}: this process still has it open for "
+                                f"reading (a dmi.open run or an h5py.File); close it first (run.close(), or "
+                                f"`with dmi.open(...) as run:`), or write to another path")

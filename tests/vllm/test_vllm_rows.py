@@ -20,6 +20,19 @@ def test_prefix_cache_and_before_attach_gaps():
         ("old", [0, 1, 2, 3, 4, 5], "before_attach"), ("new", [0, 1, 2, 3], "prefix_cache")]
     assert rows.tokens.request.tolist() == [0, 1, 1] and rows.tokens.request_ids == ["old", "new"]
     assert rows.logits.request.tolist() == [0, 1]
+    # logits rows: "old" sampled at its last prompt position (2) and decoded at 3, 4, 5 before the
+    # session opened; "new" never had a logits row at a cached prompt position
+    assert [(r, p.tolist(), why) for r, p, why in rows.skipped_logits] == [("old", [2, 3, 4, 5], "before_attach")]
+
+
+def test_a_prefix_cache_hit_misses_no_logits_row():
+    # 8 prompt tokens, the first 6 served from the cache; then chunked: 1 token, then the last
+    book = RowBook()
+    rows = _step(book, ["p-12345678"], [1], [6], [8], [8])
+    assert [(r, p.tolist()) for r, p, _ in rows.skipped] == [("p", [0, 1, 2, 3, 4, 5])]
+    assert rows.skipped_logits == [] and rows.logits.request.tolist() == [-1]   # a chunk short of the end
+    rows = _step(book, ["p-12345678"], [1], [7], [8], [8])
+    assert rows.skipped == [] and rows.skipped_logits == [] and rows.logits.request.tolist() == [0]
 
 
 def test_preempted_request_recomputed_is_recorded_once():
