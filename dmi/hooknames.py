@@ -23,23 +23,36 @@ class HookType:
 
 # The single table of hook types every engine's architecture tables map onto.
 HOOK_TYPES: tuple[HookType, ...] = (
-    HookType("hook_embed", False, "resid", "token embeddings (HF hidden_states[0])"),
+    HookType("hook_embed", False, "resid", "token embeddings: the embedding module's output"),
+    HookType("hook_pos_embed", False, "resid", "learned position embeddings (GPT-2 wpe, OPT embed_positions)"),
     HookType("hook_resid_pre", True, "resid", "residual stream entering the block"),
+    HookType("ln1.hook_scale", True, "norm", "the attention input norm's scale [1]: sqrt(mean(x^2) + eps), of x - mean for LayerNorm"),
+    HookType("ln1.hook_normalized", True, "norm", "the attention input norm's x / scale ((x - mean) / scale for LayerNorm), before its weight and bias"),
     HookType("attn.hook_q", True, "attn", "queries [head, d_head], before rotary (after q-norm where the model has one)"),
     HookType("attn.hook_k", True, "attn", "keys [kv_head, d_head], before rotary (after k-norm where the model has one)"),
     HookType("attn.hook_v", True, "attn", "values [kv_head, d_head]"),
-    HookType("attn.hook_z", True, "attn", "attention output per head before the output projection [head, d_head]"),
+    HookType("attn.hook_rot_q", True, "attn", "queries after rotary [head, d_head] (recomputed from the attention's input)"),
+    HookType("attn.hook_rot_k", True, "attn", "keys after rotary [kv_head, d_head] (recomputed from the attention's input)"),
+    HookType("attn.hook_attn_scores", True, "attn", "attention scores before softmax [head, key_pos], keys 0..position, scaled (and soft-capped) as the model does; masked keys -inf"),
     HookType("attn.hook_pattern", True, "attn", "attention probabilities [head, key_pos], keys 0..position (needs eager attention)"),
+    HookType("attn.hook_z", True, "attn", "attention output per head before the output projection [head, d_head]"),
     HookType("hook_attn_out", True, "attn", "attention block output added to the residual stream"),
-    HookType("hook_resid_mid", True, "resid", "residual stream between attention and MLP"),
+    HookType("hook_resid_mid", True, "resid", "residual stream between attention and MLP (sequential blocks only)"),
+    HookType("ln2.hook_scale", True, "norm", "the MLP input norm's scale [1]"),
+    HookType("ln2.hook_normalized", True, "norm", "the MLP input norm's normalized input, before its weight and bias"),
+    HookType("mlp.hook_pre", True, "mlp", "MLP pre-activation (the gate projection's output in a gated MLP)"),
+    HookType("mlp.hook_pre_linear", True, "mlp", "gated MLP: the up (linear) projection's output"),
     HookType("mlp.hook_post", True, "mlp", "MLP hidden activation (input of the down projection)"),
     HookType("mlp.hook_router_logits", True, "moe", "MoE router logits [expert]"),
     HookType("mlp.hook_topk_ids", True, "moe", "experts chosen per token [k]"),
     HookType("mlp.hook_topk_weights", True, "moe", "routing weights of the chosen experts [k]"),
     HookType("hook_mlp_out", True, "mlp", "MLP (or MoE) block output added to the residual stream"),
     HookType("hook_resid_post", True, "resid", "residual stream leaving the block"),
-    HookType("ln_final.hook_normalized", False, "final", "final norm output (HF hidden_states[-1])"),
-    HookType("hook_logits", False, "final", "LM head output; in generate, only the rows the engine computes"),
+    HookType("ln_final.hook_scale", False, "final", "the final norm's scale [1]"),
+    HookType("ln_final.hook_normalized", False, "final", "the final norm's normalized input, before its weight and bias"),
+    HookType("unembed.hook_in", False, "final", "the LM head's input (the final norm's output after its weight: HF hidden_states[-1])"),
+    HookType("hook_logits", False, "final", "LM head output as the model returns it; in generate, only the rows the engine computes"),
+    HookType("unembed.hook_out", False, "final", "TransformerLens's name for hook_logits (the same tensor)"),
 )
 HOOK_TYPE_BY_SUFFIX = {t.suffix: t for t in HOOK_TYPES}
 
@@ -48,12 +61,15 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "resid": ("blocks.*.hook_resid_pre", "blocks.*.hook_resid_mid", "blocks.*.hook_resid_post"),
     "attn": ("blocks.*.attn.hook_q", "blocks.*.attn.hook_k", "blocks.*.attn.hook_v",
              "blocks.*.attn.hook_z", "blocks.*.hook_attn_out"),
-    "mlp": ("blocks.*.mlp.hook_post", "blocks.*.mlp.hook_router_logits", "blocks.*.mlp.hook_topk_ids",
+    "mlp": ("blocks.*.mlp.hook_pre", "blocks.*.mlp.hook_pre_linear", "blocks.*.mlp.hook_post", "blocks.*.mlp.hook_router_logits", "blocks.*.mlp.hook_topk_ids",
             "blocks.*.mlp.hook_topk_weights", "blocks.*.hook_mlp_out"),
-    "all": ("hook_embed", "blocks.*", "ln_final.hook_normalized", "hook_logits"),
+    "norms": ("blocks.*.ln1.*", "blocks.*.ln2.*", "ln_final.*"),
+    # Everything but the alias unembed.hook_out (the same tensor as hook_logits). Hooks that are
+    # recomputed (rotary q/k, attention scores) are skipped by presets; name them to select them.
+    "all": ("hook_embed", "hook_pos_embed", "blocks.*", "ln_final.*", "unembed.hook_in", "hook_logits"),
     # Exactly what HF's output_hidden_states returns: embeddings, every block's output but
-    # the last, and the final norm output (HF replaces the last block's output with it).
-    "hf-hidden-states": ("hook_embed", "@hf-hidden-states", "ln_final.hook_normalized"),
+    # the last, and the final norm's output (HF replaces the last block's output with it).
+    "hf-hidden-states": ("hook_embed", "@hf-hidden-states", "unembed.hook_in"),
 }
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")

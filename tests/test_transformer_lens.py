@@ -1,0 +1,90 @@
+"""Every TransformerLens name dmi offers holds TransformerLens's own value: HookedTransformer 3.x,
+weights converted by its own functions without processing (no folding or centering), random
+norm weights and biases, on tiny GPT-2 and Llama models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dmi
+from dmi.adapters.hf.adapter import HFAdapter
+from dmi.tiny import tiny_config
+
+tl = pytest.importorskip("transformer_lens", reason="TransformerLens is the `tl` extra")
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained import weight_conversions as wc  # noqa: E402
+
+SEQ = [5, 17, 99, 3, 250, 42, 7, 64, 128, 11]
+
+
+def _hf(family):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0) if p.dim() >= 2 else None
+        for name, mod in model.named_modules():  # norms off their defaults of 1 and 0
+            if "norm" in type(mod).__name__.lower():
+                mod.weight.copy_(1 + 0.5 * torch.randn_like(mod.weight))
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.copy_(0.5 * torch.randn_like(mod.bias))
+    return model
+
+
+def _tl(family, hf):
+    c = hf.config
+    if family == "gpt2":
+        cfg = HookedTransformerConfig(d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                      d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, n_ctx=c.n_positions, act_fn="gelu_new",
+                                      normalization_type="LN", eps=c.layer_norm_epsilon, default_prepend_bos=False,
+                                      original_architecture="GPT2LMHeadModel")
+        sd = wc.convert_gpt2_weights(hf, cfg)
+    else:
+        cfg = HookedTransformerConfig(d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                                      d_head=c.head_dim, n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size,
+                                      d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, act_fn="silu",
+                                      normalization_type="RMS", eps=c.rms_norm_eps, positional_embedding_type="rotary",
+                                      rotary_dim=c.head_dim, rotary_base=c.rope_parameters["rope_theta"], gated_mlp=True,
+                                      final_rms=True, default_prepend_bos=False, original_architecture="LlamaForCausalLM")
+        sd = wc.convert_llama_weights(hf, cfg)
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_transformer_lens_name_equals_transformer_lens(family, tmp_path):
+    hf = _hf(family)
+    tlm = _tl(family, hf)
+    ids = torch.tensor([SEQ])
+    with torch.no_grad():
+        logits, cache = tlm.run_with_cache(ids)
+    assert (logits - hf(ids).logits).abs().max() < 1e-4  # the conversion itself is exact
+    ours = HFAdapter(hf).offered()
+    names = [n for n in ours if n in cache or n == "unembed.hook_out"]
+    recomputed = [n for n in names if ours[n][0].fn is not None]
+    must = {"ln_final.hook_normalized", "ln_final.hook_scale", "blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_normalized",
+            "blocks.1.attn.hook_attn_scores", "blocks.1.mlp.hook_pre", "blocks.0.hook_resid_mid", "hook_embed"}
+    must |= {"hook_pos_embed"} if family == "gpt2" else {"blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k",
+                                                         "blocks.1.mlp.hook_pre_linear"}
+    assert must <= set(names), sorted(must - set(names))
+    out = str(tmp_path / "tl.h5")
+    with dmi.attach(hf, dmi.CaptureSpec(hooks=["all", *recomputed, "unembed.hook_out"], sink=out)):
+        with torch.no_grad():
+            hf(ids)
+    run = dmi.open(out)
+    T = len(SEQ)
+    for name in names:
+        got = run.get(name, "0")
+        want = logits[0] if name == "unembed.hook_out" else cache[name][0]
+        if name.endswith(("hook_attn_scores", "hook_pattern")):  # TL: [head, q, k]; dmi row p: [head, keys 0..p]
+            for p in range(T):
+                assert torch.allclose(got[p, :, : p + 1], want[:, p, : p + 1], atol=1e-4), (name, p)
+                assert torch.isinf(want[:, p, p + 1:]).all() or name.endswith("pattern")  # TL masks with -inf
+            continue
+        assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+        err = (got - want).abs().max().item()
+        assert err < 1e-4, (name, err)
