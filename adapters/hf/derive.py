@@ -184,7 +184,7 @@ def _placement(layer, ov: Override, cfg) -> str:
     return "pre"
 
 
-def _norm_taps(found, missing, layer, lp, i, which, names, d):
+def _norm_taps(found, missing, layer, lp, i, which, names, d, flat=False):
     name, norm = _child(layer, names)
     if norm is None:
         missing[f"{which}.hook_normalized"] = f"no {which} norm among {', '.join(names) or '(none in this placement)'}"
@@ -197,7 +197,7 @@ def _norm_taps(found, missing, layer, lp, i, which, names, d):
     for hook, view, shape in (("hook_scale", "norm_scale", (1,)), ("hook_normalized", "norm_normalized", (d.hidden,))):
         found[f"blocks.{i}.{which}.{hook}"] = Found(
             Tap(f"{lp}.{name}", io="input", index=0, kw="hidden_states", view=view, eps=kind[0], centered=kind[1],
-                shape=_const(shape)), f"{lp}.{name}", how)
+                flat=flat, shape=_const(shape)), f"{lp}.{name}", how)
     return name
 
 
@@ -218,7 +218,8 @@ def _layer(found, missing, model, layer, lp, i, d: Dims, ov: Override, placement
         missing["ln1.hook_normalized"] = missing["ln2.hook_normalized"] = "post-norm blocks normalize outputs, not inputs"
     else:
         _norm_taps(found, missing, layer, lp, i, "ln1", LN1, d)
-        ln2 = _norm_taps(found, missing, layer, lp, i, "ln2", LN2.get(placement, ()), d)
+        # (OPT flattens tokens before its MLP norm)
+        ln2 = _norm_taps(found, missing, layer, lp, i, "ln2", LN2.get(placement, ()), d, flat=ov.flat_mlp)
     # where attention and MLP outputs join the residual stream
     if placement in ("sandwich", "post"):
         found[B + "hook_attn_out"] = Found(Tap(f"{lp}.post_attention_layernorm", shape=hid),
@@ -245,8 +246,8 @@ def _layer(found, missing, model, layer, lp, i, d: Dims, ov: Override, placement
                                               f"MLP output projection {mout!r} in the layer")
         if placement == "pre" and ln2 is not None:
             p = f"{lp}.{ln2}"
-            found[B + "hook_resid_mid"] = Found(Tap(p, io="input", index=0, kw="hidden_states", shape=hid), p,
-                                                f"pre-MLP norm {ln2!r} input")
+            found[B + "hook_resid_mid"] = Found(Tap(p, io="input", index=0, kw="hidden_states", shape=hid,
+                                                    flat=ov.flat_mlp), p, f"pre-MLP norm {ln2!r} input")
         elif placement == "parallel":
             missing["hook_resid_mid"] = "attention and MLP run in parallel: there is no residual stream between them"
     if attn is not None:
@@ -269,7 +270,8 @@ def _attn(found, missing, model, attn, ap, B, d: Dims, ov: Override) -> None:
             missing[s] = ("MLA builds keys and values per head from a shared latent (kv_a_proj_with_mqa, kv_b_proj) "
                           "plus one rotary key part; no module output holds them per head")
     else:
-        if hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
+        if hasattr(attn, "q_proj") and hasattr(attn, "k_proj") and _io(attn.q_proj) and _io(attn.k_proj):
+            H, KV = _io(attn.q_proj)[1] // D, _io(attn.k_proj)[1] // D
             for s, proj, n, norm in (("q", "q_proj", H, "q_norm"), ("k", "k_proj", KV, "k_norm"), ("v", "v_proj", KV, None)):
                 nmod = getattr(attn, norm, None) if norm else None
                 if nmod is not None:
@@ -319,7 +321,8 @@ def _fused_qkv(attn, ap, d: Dims, ov: Override, cfg):
             layout = ov.fused_qkv(cfg, d)
         elif fname == "query_key_value":  # GPT-NeoX: [head, (q, k, v), d_head]
             layout = {"q": (H, 3, 0, 1), "k": (H, 3, 1, 2), "v": (H, 3, 2, 3)}
-        else:  # q heads, then k heads, then v heads
+        else:  # q heads, then k heads, then v heads; kv heads from the projection's width
+            KV = (_io(mod)[1] // D - H) // 2 if _io(mod) else KV
             layout = {"q": (1, H + 2 * KV, 0, H), "k": (1, H + 2 * KV, H, H + KV), "v": (1, H + 2 * KV, H + KV, H + 2 * KV)}
         taps = {}
         for s, (g, per, lo, hi) in layout.items():

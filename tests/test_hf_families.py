@@ -1,0 +1,81 @@
+"""22 HF decoder-only families, no hand-written tables: every derived hook equals what an
+unpadded single-sequence HF forward computes (output_hidden_states, output_attentions, plain
+forward hooks, and the residual stream's algebra), with random norm weights and biases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dmi
+from families import FAMILIES, tiny_family_model
+
+SEQ = [5, 17, 99, 3, 250, 42, 7, 64, 128, 11, 77, 19]
+CENTERED = {"gpt2", "phi", "gpt_neox", "stablelm", "falcon", "opt", "cohere", "starcoder2"}  # LayerNorm; the rest RMSNorm
+PARALLEL = {"phi", "gpt_neox", "falcon", "cohere"}
+TOL = 1e-4
+
+
+def _close(name, got, want, tol=TOL):
+    assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
+    err = (got.float() - want.float()).abs().max().item()
+    assert err < tol * max(1.0, want.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_captures_exactly(family, tmp_path):
+    model = tiny_family_model(family)
+    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 2)
+    posts, routers = {}, {}
+    hs = [layer.register_forward_hook(lambda m, a, o, i=i: posts.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+          for i, layer in enumerate(layers)]
+    hs += [layer.mlp.gate.register_forward_hook(lambda m, a, o, i=i: routers.__setitem__(i, o))
+           for i, layer in enumerate(layers) if hasattr(getattr(layer, "mlp", None), "gate")
+           and not isinstance(layer.mlp.gate, torch.nn.Linear)]
+    ids = torch.tensor([SEQ])
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True, output_attentions=True)
+    for h in hs:
+        h.remove()
+    out = str(tmp_path / "f.h5")
+    scores = ["blocks.*.attn.hook_attn_scores"] if family != "deepseek_v3" else []  # MLA: none (see docs)
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["all", *scores], sink=out)):
+        with torch.no_grad():
+            model(ids)
+    run = dmi.open(out)
+    got = {h: run.get(h, "0") for h in run.hooks}
+    T = len(SEQ)
+    _close("hook_logits", got["hook_logits"], ref.logits[0])
+    _close("unembed.hook_in", got["unembed.hook_in"], ref.hidden_states[-1][0])
+    last = posts[len(layers) - 1][0]
+    x = last - last.mean(-1, keepdim=True) if family in CENTERED else last
+    _close("ln_final", got["ln_final.hook_normalized"] * got["ln_final.hook_scale"], x)
+    for i in range(len(layers)):
+        b = f"blocks.{i}."
+        pre, post = ref.hidden_states[i][0], posts[i][0]
+        _close(b + "hook_resid_pre", got[b + "hook_resid_pre"], pre)
+        _close(b + "hook_resid_post", got[b + "hook_resid_post"], post)
+        attn_out, mlp_out = got[b + "hook_attn_out"], got[b + "hook_mlp_out"]
+        if family in PARALLEL:
+            assert b + "hook_resid_mid" not in got
+            _close(b + "parallel sum", pre + attn_out + mlp_out, post)
+            ln2_in = pre
+        else:
+            mid = got[b + "hook_resid_mid"]
+            _close(b + "hook_resid_mid", pre + attn_out, mid)
+            _close(b + "mid + mlp_out", mid + mlp_out, post)
+            ln2_in = mid
+        for ln, x in (("ln1", pre), ("ln2", ln2_in)):
+            if b + f"{ln}.hook_normalized" in got:
+                x = x - x.mean(-1, keepdim=True) if family in CENTERED else x
+                _close(b + ln, got[b + f"{ln}.hook_normalized"] * got[b + f"{ln}.hook_scale"], x)
+        pattern = ref.attentions[i][0].transpose(0, 1)  # [q, head, k]
+        _close(b + "attn.hook_pattern", got[b + "attn.hook_pattern"], pattern)
+        if b + "attn.hook_attn_scores" in got:
+            s = got[b + "attn.hook_attn_scores"]
+            for p in range(T):
+                _close(f"{b}scores softmax {p}", s[p, :, : p + 1].softmax(-1), pattern[p, :, : p + 1])
+        if i in routers:
+            logits, weights, ids_ = routers[i]
+            _close(b + "router", got[b + "mlp.hook_router_logits"], logits)
+            _close(b + "topk weights", got[b + "mlp.hook_topk_weights"], weights)
+            assert torch.equal(got[b + "mlp.hook_topk_ids"], ids_.to(torch.int64))
