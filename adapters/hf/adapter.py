@@ -40,18 +40,20 @@ class HFBinding(Binding):
 class HFAdapter(Adapter):
     engine_name = "hf"
 
-    def __init__(self, model: torch.nn.Module, table: ArchTable | None = None):
+    def __init__(self, model: torch.nn.Module, table: ArchTable | None = None, derived: Derived | None = None):
         """table: a hand-written (or plugin) table; its taps override what the structure gives.
-        Without one, every tap is derived from the model's structure (adapters.hf.derive)."""
+        Without one, every tap is derived from the model's structure (adapters.hf.derive);
+        `derived` gives the taps instead (adapters.hf.generic: any nn.Module)."""
         super().__init__(model)
         self.model = model
         self.table = table
-        try:
-            self.derived: Derived | None = derive(model)
-        except StructureError:
-            if table is None:
-                raise
-            self.derived = None
+        self.derived = derived
+        if derived is None:
+            try:
+                self.derived = derive(model)
+            except StructureError:
+                if table is None:
+                    raise
         self.dims = table.dims(model.config) if table is not None else self.derived.dims
         self.counter = RequestCounter()
         self._handles: list = []
@@ -110,8 +112,23 @@ class HFAdapter(Adapter):
                 out[name] = (f.tap, f.path, f.how)
         return out
 
-    def _hookpoints(self) -> dict[str, str]:
-        return {m.name or p: p for p, m in self.model.named_modules() if isinstance(m, HookPoint)}
+    def _hookpoints(self, offered: dict | None = None) -> dict[str, str]:
+        """HookPoint name -> module path. Two HookPoints with one name are refused, and so is a
+        HookPoint using a canonical name this model offers elsewhere (it would replace it)."""
+        out: dict[str, str] = {}
+        for p, m in self.model.named_modules():
+            if not isinstance(m, HookPoint):
+                continue
+            name = m.name or p
+            if name in out:
+                raise SpecError("hooks", f"two HookPoints are named {name!r} (at {out[name]!r} and {p!r}); "
+                                         f"give each a unique name")
+            if offered is not None and name in offered and offered[name][1] != p:
+                raise SpecError("hooks", f"HookPoint {name!r} at {p!r} uses the name of a hook this model already "
+                                         f"offers at {offered[name][1]!r}; a canonical name may only mark that "
+                                         f"hook's own place. Rename the HookPoint")
+            out[name] = p
+        return {n: p for n, p in out.items() if offered is None or n not in offered}
 
     def _eager(self) -> bool:
         return getattr(self.model.config, "_attn_implementation", "eager") == "eager"
@@ -123,10 +140,12 @@ class HFAdapter(Adapter):
         return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
 
     def resolve(self, patterns: list[str]) -> list[str]:
-        return self._resolve(patterns, self.offered(), self._hookpoints())
+        offered = self.offered()
+        return self._resolve(patterns, offered, self._hookpoints(offered))
 
     def bind(self, patterns: list[str]) -> list[Binding]:
-        offered, hookpoints = self.offered(), self._hookpoints()
+        offered = self.offered()
+        hookpoints = self._hookpoints(offered)
         names = self._resolve(patterns, offered, hookpoints)
         eager = self._eager()
         bindings = []
