@@ -88,3 +88,34 @@ def test_every_transformer_lens_name_equals_transformer_lens(family, tmp_path):
         assert got.shape == want.shape, (name, tuple(got.shape), tuple(want.shape))
         err = (got - want).abs().max().item()
         assert err < 1e-4, (name, err)
+
+
+def test_recomputed_hooks_in_a_padded_generate_equal_the_unpadded_forward(tmp_path):
+    """rot_q/rot_k and scores in generate (left padding, KV cache): row for row what one unpadded
+    forward of that request gives, and softmax(scores) is the pattern the model used."""
+    from helpers import fed_sequences, left_pad
+
+    hf = _hf("llama")
+    prompts, pad = [[11, 12, 13, 14, 15], [21, 22, 23]], 0
+    ids, mask = left_pad(prompts, pad)
+    hooks = ["blocks.*.attn.hook_rot_q", "blocks.*.attn.hook_rot_k", "blocks.*.attn.hook_attn_scores",
+             "blocks.*.attn.hook_pattern"]
+    out = str(tmp_path / "gen.h5")
+    with dmi.attach(hf, dmi.CaptureSpec(hooks=hooks, sink=out)):
+        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=pad,
+                          eos_token_id=None)
+    run = dmi.open(out)
+    tlm = _tl("llama", hf)
+    for rid, seq in enumerate(fed_sequences(gen, prompts)):
+        with torch.no_grad():
+            _, cache = tlm.run_with_cache(torch.tensor([seq]))
+        T = len(seq)
+        assert run.positions("blocks.1.attn.hook_rot_q", str(rid)).tolist() == list(range(T))
+        for layer in range(2):
+            b = f"blocks.{layer}.attn."
+            for h in ("hook_rot_q", "hook_rot_k"):
+                assert (run.get(b + h, str(rid)) - cache[b + h][0]).abs().max() < 1e-4, (rid, b + h)
+            scores, pattern = run.get(b + "hook_attn_scores", str(rid)), run.get(b + "hook_pattern", str(rid))
+            for p in range(T):
+                assert torch.allclose(scores[p, :, : p + 1], cache[b + "hook_attn_scores"][0][:, p, : p + 1], atol=1e-4)
+                assert torch.allclose(scores[p, :, : p + 1].softmax(-1), pattern[p, :, : p + 1], atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from dmi.dims import Dims
+from dmi.errors import UnknownHookError
 from dmi.hookpoint import HookPoint
 from dmi.hooknames import HOOK_TYPE_BY_SUFFIX, canonical_names, split_layer
 
@@ -48,3 +49,12 @@ class ModuleAdapter(HFAdapter):
     def _hookpoints(self, offered: dict | None = None) -> dict[str, str]:
         every = super()._hookpoints(None)  # refuses duplicate names
         return {n: p for n, p in every.items() if not offered or n not in offered}
+
+    def _resolve(self, patterns: list[str], offered: dict, hookpoints: dict) -> list[str]:
+        try:
+            return super()._resolve(patterns, offered, hookpoints)
+        except UnknownHookError as e:
+            marks = ", ".join([*offered, *hookpoints]) or "none"
+            raise UnknownHookError("hooks", f"{str(e).removeprefix('hooks: ')}. A {type(self.model).__name__} is not "
+                                            f"an engine dmi knows: it offers its dmi.HookPoints ({marks}) and "
+                                            f"'module:<dotted.path>[:input]' hooks") from None
