@@ -3,10 +3,13 @@ unpadded single-sequence HF forward computes (output_hidden_states, output_atten
 forward hooks, and the residual stream's algebra), with random norm weights and biases."""
 from __future__ import annotations
 
+import fnmatch
+
 import pytest
 import torch
 
 import dmi
+from dmi.adapters.hf.adapter import HFAdapter
 from families import FAMILIES, tiny_family_model
 
 SEQ = [5, 17, 99, 3, 250, 42, 7, 64, 128, 11, 77, 19]
@@ -38,7 +41,11 @@ def test_family_captures_exactly(family, tmp_path):
         h.remove()
     out = str(tmp_path / "f.h5")
     scores = ["blocks.*.attn.hook_attn_scores"] if family != "deepseek_v3" else []  # MLA: none (see docs)
-    with dmi.attach(model, dmi.CaptureSpec(hooks=["all", *scores], sink=out)):
+    bridge = ["blocks.*.hook_in", "blocks.*.hook_out", "blocks.*.attn.hook_out", "blocks.*.ln1.hook_in",
+              "blocks.*.ln2.hook_in", "ln_final.hook_out", "embed.hook_out"]
+    offered = list(HFAdapter(model).offered())
+    bridge = [g for g in bridge if fnmatch.filter(offered, g)]  # (no ln1/ln2 where a model has none)
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["all", *scores, *bridge], sink=out)):
         with torch.no_grad():
             model(ids)
     run = dmi.open(out)
@@ -46,6 +53,8 @@ def test_family_captures_exactly(family, tmp_path):
     T = len(SEQ)
     _close("hook_logits", got["hook_logits"], ref.logits[0])
     _close("unembed.hook_in", got["unembed.hook_in"], ref.hidden_states[-1][0])
+    _close("ln_final.hook_out", got["ln_final.hook_out"], ref.hidden_states[-1][0])  # nothing between norm and head
+    _close("embed.hook_out", got["embed.hook_out"], got["hook_embed"])
     last = posts[len(layers) - 1][0]
     x = last - last.mean(-1, keepdim=True) if family in CENTERED else last
     _close("ln_final", got["ln_final.hook_normalized"] * got["ln_final.hook_scale"], x)
@@ -55,6 +64,18 @@ def test_family_captures_exactly(family, tmp_path):
         _close(b + "hook_resid_pre", got[b + "hook_resid_pre"], pre)
         _close(b + "hook_resid_post", got[b + "hook_resid_post"], post)
         attn_out, mlp_out = got[b + "hook_attn_out"], got[b + "hook_mlp_out"]
+        _close(b + "hook_in", got[b + "hook_in"], pre)
+        _close(b + "hook_out", got[b + "hook_out"], post)
+        if b + "ln1.hook_in" in got:
+            _close(b + "ln1.hook_in", got[b + "ln1.hook_in"], pre)
+        if b + "attn.hook_out" in got:  # the attention module's own output, before what the block adds
+            own = got[b + "attn.hook_out"]
+            if family in ("gemma2", "gemma3_text", "olmo2"):
+                with torch.no_grad():
+                    own = layers[i].post_attention_layernorm(own)
+            elif family == "granite":
+                own = own * model.config.residual_multiplier
+            _close(b + "attn.hook_out", own, attn_out)
         if family in PARALLEL:
             assert b + "hook_resid_mid" not in got
             _close(b + "parallel sum", pre + attn_out + mlp_out, post)
@@ -64,6 +85,8 @@ def test_family_captures_exactly(family, tmp_path):
             _close(b + "hook_resid_mid", pre + attn_out, mid)
             _close(b + "mid + mlp_out", mid + mlp_out, post)
             ln2_in = mid
+            if b + "ln2.hook_in" in got:
+                _close(b + "ln2.hook_in", got[b + "ln2.hook_in"], mid)
         for ln, x in (("ln1", pre), ("ln2", ln2_in)):
             if b + f"{ln}.hook_normalized" in got:
                 x = x - x.mean(-1, keepdim=True) if family in CENTERED else x

@@ -17,7 +17,7 @@ import torch
 
 from dmi.adapter import Adapter, Binding
 from dmi.errors import SpecError, UnknownHookError, closest
-from dmi.hooknames import canonical_names, resolve, split_layer
+from dmi.hooknames import HOOK_TYPE_BY_SUFFIX, canonical_names, resolve, split_layer
 from dmi.hookpoint import HookPoint
 from dmi.kernels import host_ops
 from dmi.kernels.capture_op import capture as capture_op
@@ -134,9 +134,11 @@ class HFAdapter(Adapter):
         return getattr(self.model.config, "_attn_implementation", "eager") == "eager"
 
     def _resolve(self, patterns: list[str], offered: dict, hookpoints: dict) -> list[str]:
-        # Presets and globs skip hooks that need eager attention it lacks, and recomputed ones.
+        # Presets and globs skip hooks that need eager attention it lacks, recomputed ones, and
+        # TransformerBridge's component names (mostly other names for the same tensors).
         explicit_only = frozenset(n for n, (tap, _) in offered.items()
-                                  if (tap.eager_only and not self._eager()) or tap.fn is not None)
+                                  if (tap.eager_only and not self._eager()) or tap.fn is not None
+                                  or HOOK_TYPE_BY_SUFFIX[split_layer(n)[1]].group == "bridge")
         return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
 
     def resolve(self, patterns: list[str]) -> list[str]:

@@ -155,8 +155,12 @@ def derive(model) -> Derived:
                                     f"final norm {name!r} input, normalized as {'LayerNorm' if kind[1] else 'RMSNorm'}")
         else:
             missing["ln_final.hook_normalized"] = f"final norm {type(fnorm).__name__} is neither LayerNorm nor RMSNorm"
+        found["ln_final.hook_in"] = Found(Tap(fp, io="input", index=0, kw="hidden_states"), fp, f"final norm {name!r} input")
+        found["ln_final.hook_out"] = Found(Tap(fp), fp, f"final norm {name!r} output")
     else:
         missing["ln_final.hook_normalized"] = f"no final norm among {', '.join(FINAL_NORM)}"
+    if "hook_embed" in found:
+        found["embed.hook_out"] = found["hook_embed"]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(head) in paths and _io(head):
         hp = paths[id(head)]
@@ -194,6 +198,9 @@ def _norm_taps(found, missing, layer, lp, i, which, names, d, flat=False):
         missing[f"{which}.hook_normalized"] = f"{type(norm).__name__} is neither LayerNorm nor RMSNorm"
         return name
     how = f"{name!r} input, normalized as {'LayerNorm' if kind[1] else 'RMSNorm'}"
+    found[f"blocks.{i}.{which}.hook_in"] = Found(Tap(f"{lp}.{name}", io="input", index=0, kw="hidden_states",
+                                                     flat=flat), f"{lp}.{name}", f"{name!r} input")
+    found[f"blocks.{i}.{which}.hook_out"] = Found(Tap(f"{lp}.{name}", flat=flat), f"{lp}.{name}", f"{name!r} output")
     for hook, view, shape in (("hook_scale", "norm_scale", (1,)), ("hook_normalized", "norm_normalized", (d.hidden,))):
         found[f"blocks.{i}.{which}.{hook}"] = Found(
             Tap(f"{lp}.{name}", io="input", index=0, kw="hidden_states", view=view, eps=kind[0], centered=kind[1],
@@ -250,8 +257,14 @@ def _layer(found, missing, model, layer, lp, i, d: Dims, ov: Override, placement
                                                     flat=ov.flat_mlp), p, f"pre-MLP norm {ln2!r} input")
         elif placement == "parallel":
             missing["hook_resid_mid"] = "attention and MLP run in parallel: there is no residual stream between them"
+    found[B + "hook_in"], found[B + "hook_out"] = found[B + "hook_resid_pre"], found[B + "hook_resid_post"]
     if attn is not None:
+        found[B + "attn.hook_in"] = Found(Tap(ap, io="input", index=0, kw="hidden_states", shape=hid), ap, "attention input")
+        found[B + "attn.hook_out"] = Found(Tap(ap, index=0, shape=hid), ap, "attention output")
         _attn(found, missing, model, attn, ap, B, d, ov)
+    if mname is not None:
+        found[B + "mlp.hook_in"] = Found(Tap(mp, io="input", index=0, kw="hidden_states", shape=hid), mp, "MLP input")
+        found[B + "mlp.hook_out"] = Found(Tap(mp, shape=hid), mp, "MLP output")
     _mlp(found, missing, mlp, mp, B, d, ov, own=mname is not None)
 
 
