@@ -66,7 +66,7 @@ HOOK_TYPES: tuple[HookType, ...] = (
     HookType("ln_final.hook_scale", False, "final", "the final norm's scale [1]"),
     HookType("ln_final.hook_normalized", False, "final", "the final norm's normalized input, before its weight and bias"),
     HookType("ln_final.hook_out", False, "bridge", "the final norm's output (= unembed.hook_in where nothing follows it)"),
-    HookType("unembed.hook_in", False, "final", "the LM head's input (the final norm's output after its weight: HF hidden_states[-1])"),
+    HookType("unembed.hook_in", False, "final", "the LM head's input (the final norm's output after its weight); in generate, only the rows the LM head computes"),
     HookType("hook_logits", False, "final", "LM head output as the model returns it; in generate, only the rows the engine computes"),
     HookType("unembed.hook_out", False, "final", "TransformerLens's name for hook_logits (the same tensor)"),
 )
@@ -83,9 +83,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # Everything but the alias unembed.hook_out (the same tensor as hook_logits). Hooks that are
     # recomputed (rotary q/k, attention scores) are skipped by presets; name them to select them.
     "all": ("hook_embed", "hook_pos_embed", "blocks.*", "ln_final.*", "unembed.hook_in", "hook_logits"),
-    # Exactly what HF's output_hidden_states returns: embeddings, every block's output but
-    # the last, and the final norm's output (HF replaces the last block's output with it).
-    "hf-hidden-states": ("hook_embed", "@hf-hidden-states", "unembed.hook_in"),
+    # Exactly what HF's output_hidden_states returns: the first block's input (embeddings, with
+    # any position embedding or scale the model adds), every block's output but the last, and the
+    # final norm's output at every position (HF replaces the last block's output with it).
+    "hf-hidden-states": ("blocks.0.hook_resid_pre", "@hf-hidden-states", "ln_final.hook_out"),
 }
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -130,6 +131,8 @@ def resolve(patterns: list[str], offered: list[str], n_layers: int,
             for g in PRESETS[pat]:
                 if g == "@hf-hidden-states":
                     chosen.update(f"blocks.{i}.hook_resid_post" for i in range(n_layers - 1))
+                elif not any(c in g for c in "*?["):  # a name a preset lists is taken as named
+                    chosen.update([g] if g in offered_set else [])
                 else:
                     chosen.update(n for n in fnmatch.filter(offered, g) if n not in explicit_only)
             continue

@@ -102,3 +102,21 @@ def test_family_captures_exactly(family, tmp_path):
             _close(b + "router", got[b + "mlp.hook_router_logits"], logits)
             _close(b + "topk weights", got[b + "mlp.hook_topk_weights"], weights)
             assert torch.equal(got[b + "mlp.hook_topk_ids"], ids_.to(torch.int64))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "granite", "gemma2", "opt"])
+def test_hf_hidden_states_preset_is_output_hidden_states(family, tmp_path):
+    """Position embeddings (GPT-2, OPT), an embedding multiplier (Granite) and a scaled embedding
+    (Gemma 2) are all in HF's hidden_states[0]; the last entry is the final norm's output."""
+    model = tiny_family_model(family)
+    ids = torch.tensor([SEQ])
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    out = str(tmp_path / "h.h5")
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["hf-hidden-states"], sink=out)):
+        with torch.no_grad():
+            model(ids)
+    run = dmi.open(out)
+    assert len(run.hooks) == len(hs)
+    for name, want in zip(run.hooks, hs):
+        _close(name, run.get(name, "0"), want[0])
