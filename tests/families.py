@@ -1,4 +1,6 @@
-"""Tiny random configs of 22 HF decoder-only families (nothing downloaded), for tests."""
+"""Tiny random configs of 22 HF decoder-only families (nothing downloaded), for tests; plus
+variants where one family's blocks differ (Falcon's multi-query and sequential layouts, GPT-NeoX
+without the parallel residual)."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +32,11 @@ FAMILIES = {
     "starcoder2": ("Starcoder2Config", {}),
     "qwen2_moe": ("Qwen2MoeConfig", {**MOE, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1}),
     "falcon": ("FalconConfig", {"new_decoder_architecture": True, "num_kv_heads": 2, "alibi": False}),
+    "falcon_mq": ("FalconConfig", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+                                   "alibi": False}),
+    "falcon_seq": ("FalconConfig", {"new_decoder_architecture": False, "multi_query": False, "parallel_attn": False,
+                                    "alibi": False}),
+    "gpt_neox_seq": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": False}),
     "opt": ("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64, "num_key_value_heads": None}),
     "deepseek_v3": ("DeepseekV3Config", {**MOE, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                                          "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,

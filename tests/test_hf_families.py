@@ -13,8 +13,9 @@ from dmi.adapters.hf.adapter import HFAdapter
 from families import FAMILIES, tiny_family_model
 
 SEQ = [5, 17, 99, 3, 250, 42, 7, 64, 128, 11, 77, 19]
-CENTERED = {"gpt2", "phi", "gpt_neox", "stablelm", "falcon", "opt", "cohere", "starcoder2"}  # LayerNorm; the rest RMSNorm
-PARALLEL = {"phi", "gpt_neox", "falcon", "cohere"}
+CENTERED = {"gpt2", "phi", "gpt_neox", "gpt_neox_seq", "stablelm", "falcon", "falcon_mq", "falcon_seq", "opt",
+            "cohere", "starcoder2"}  # LayerNorm; the rest RMSNorm
+PARALLEL = {"phi", "gpt_neox", "falcon", "falcon_mq", "cohere"}
 TOL = 1e-4
 
 
