@@ -1,6 +1,6 @@
 """Every TransformerLens name dmi offers holds TransformerLens's own value: HookedTransformer 3.x,
 weights converted by its own functions without processing (no folding or centering), random
-norm weights and biases, on tiny GPT-2 and Llama models."""
+norm weights and biases, on tiny GPT-2, Llama and GPT-NeoX (parallel blocks, partial rotary) models."""
 from __future__ import annotations
 
 import pytest
@@ -18,10 +18,13 @@ SEQ = [5, 17, 99, 3, 250, 42, 7, 64, 128, 11]
 
 
 def _hf(family):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager").eval()
+    cfg = (GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                         rotary_pct=0.5, use_parallel_residual=True, max_position_embeddings=128, hidden_act="gelu")
+           if family == "gpt_neox" else tiny_config(family))
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(5.0) if p.dim() >= 2 else None
@@ -41,6 +44,16 @@ def _tl(family, hf):
                                       normalization_type="LN", eps=c.layer_norm_epsilon, default_prepend_bos=False,
                                       original_architecture="GPT2LMHeadModel")
         sd = wc.convert_gpt2_weights(hf, cfg)
+    elif family == "gpt_neox":  # parallel attention and MLP, partial rotary, LayerNorm
+        d_head = c.hidden_size // c.num_attention_heads
+        cfg = HookedTransformerConfig(d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                                      d_head=d_head, d_mlp=c.intermediate_size, d_vocab=c.vocab_size,
+                                      n_ctx=c.max_position_embeddings, act_fn="gelu", normalization_type="LN",
+                                      eps=c.layer_norm_eps, positional_embedding_type="rotary",
+                                      rotary_dim=int(d_head * c.rope_parameters.get("partial_rotary_factor", 1.0)), rotary_base=c.rope_parameters["rope_theta"],
+                                      parallel_attn_mlp=True, default_prepend_bos=False,
+                                      original_architecture="GPTNeoXForCausalLM")
+        sd = wc.convert_neox_weights(hf, cfg)
     else:
         cfg = HookedTransformerConfig(d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                                       d_head=c.head_dim, n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size,
@@ -55,7 +68,7 @@ def _tl(family, hf):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_every_transformer_lens_name_equals_transformer_lens(family, tmp_path):
     hf = _hf(family)
     tlm = _tl(family, hf)
@@ -68,8 +81,14 @@ def test_every_transformer_lens_name_equals_transformer_lens(family, tmp_path):
     recomputed = [n for n in names if ours[n][0].fn is not None]
     must = {"ln_final.hook_normalized", "ln_final.hook_scale", "blocks.1.ln1.hook_scale", "blocks.1.ln2.hook_normalized",
             "blocks.1.attn.hook_attn_scores", "blocks.1.mlp.hook_pre", "blocks.0.hook_resid_mid", "hook_embed"}
-    must |= {"hook_pos_embed"} if family == "gpt2" else {"blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k",
-                                                         "blocks.1.mlp.hook_pre_linear"}
+    if family == "gpt2":
+        must |= {"hook_pos_embed"}
+    else:
+        must |= {"blocks.1.attn.hook_rot_q", "blocks.1.attn.hook_rot_k"}
+    if family == "llama":
+        must |= {"blocks.1.mlp.hook_pre_linear"}
+    if family == "gpt_neox":
+        must -= {"blocks.0.hook_resid_mid"}  # parallel blocks have none, in TransformerLens too
     assert must <= set(names), sorted(must - set(names))
     out = str(tmp_path / "tl.h5")
     with dmi.attach(hf, dmi.CaptureSpec(hooks=["all", *recomputed, "unembed.hook_out"], sink=out)):
