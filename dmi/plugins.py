@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -148,11 +149,20 @@ def adapter_for(engine):
     from dmi.errors import EngineNotSupportedError
 
     claims = _claims("dmi_adapter_for", Adapter, engine=engine, tables=arch_tables)
+    if not claims and _is_module(engine):  # no engine adapter: any nn.Module with module: hooks and HookPoints
+        from dmi.adapters.hf.generic import ModuleAdapter
+
+        return ModuleAdapter(engine)
     if not claims:
         names = [n for n, _ in manager().list_name_plugin()]
         raise EngineNotSupportedError(f"no dmi adapter recognises a {type(engine).__module__}.{type(engine).__name__}; "
                                       f"registered plugins: {', '.join(names)}")
     return _one(claims, f"engine {type(engine).__name__}")
+
+
+def _is_module(engine) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(engine, torch.nn.Module)
 
 
 def sink_for(sink_spec):

@@ -18,7 +18,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     core)
       if fresh .venv; then
-        python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ".[test,kernels]" \
+        python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ".[test,kernels,tl]" \
           -e examples/dmi-toyengine -e examples/dmi-callback-sink || exit 1
       fi
       run .venv/bin/python -m pytest -q --ignore=tests/vllm --ignore=tests/sglang ${PYTEST_ARGS:-} ;;

@@ -35,7 +35,7 @@ def assert_matches(run, model, rid: str, seq: list[int], hooks: list[str], logit
     for hook in hooks:
         got = run.get(hook, rid)
         pos = run.positions(hook, rid)
-        if hook == "hook_logits" and logits_from is not None:
+        if hook in ("hook_logits", "unembed.hook_out", "unembed.hook_in") and logits_from is not None:
             expected_pos = torch.arange(logits_from, len(seq))
         else:
             expected_pos = torch.arange(len(seq))

@@ -40,7 +40,13 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
     H = cfg.n_head if gpt2 else cfg.num_attention_heads
     D = cfg.n_embd // H if gpt2 else cfg.head_dim
     KV = H if gpt2 else cfg.num_key_value_heads
-    ref = {"hook_embed": _embed(model, seq), "ln_final.hook_normalized": hs[-1][0], "hook_logits": out.logits[0]}
+    ref = {"hook_embed": _embed(model, seq), "unembed.hook_in": hs[-1][0], "hook_logits": out.logits[0]}
+    ref["unembed.hook_out"] = ref["hook_logits"]
+    if gpt2:
+        with torch.no_grad():
+            ref["hook_pos_embed"] = model.transformer.wpe(torch.arange(len(seq)))
+    final_in = rec[f"blocks.{len(layers) - 1}.hook_resid_post"][0]
+    ref["ln_final.hook_scale"], ref["ln_final.hook_normalized"] = _tl_norm(final_in, gpt2, cfg)
     for i, layer in enumerate(layers):
         pre = hs[i][0]
         ref[f"blocks.{i}.hook_resid_pre"] = pre
@@ -51,6 +57,14 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
         mid = pre + attn_out
         ref[f"blocks.{i}.hook_resid_mid"] = mid
         ref[f"blocks.{i}.hook_mlp_out"] = post - mid
+        ref[f"blocks.{i}.ln1.hook_scale"], ref[f"blocks.{i}.ln1.hook_normalized"] = _tl_norm(pre, gpt2, cfg)
+        ref[f"blocks.{i}.ln2.hook_scale"], ref[f"blocks.{i}.ln2.hook_normalized"] = _tl_norm(mid, gpt2, cfg)
+        with torch.no_grad():
+            if gpt2:
+                ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.c_fc(layer.ln_2(mid))
+            elif hasattr(layer.mlp, "gate_proj"):
+                ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.gate_proj(layer.post_attention_layernorm(mid))
+                ref[f"blocks.{i}.mlp.hook_pre_linear"] = layer.mlp.up_proj(layer.post_attention_layernorm(mid))
         ref[f"blocks.{i}.attn.hook_z"] = rec[f"z{i}"][0].unflatten(-1, (H, D))
         if f"blocks.{i}.mlp.hook_post" in rec:
             ref[f"blocks.{i}.mlp.hook_post"] = rec[f"blocks.{i}.mlp.hook_post"][0]
@@ -75,6 +89,15 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
             ref[f"blocks.{i}.mlp.hook_topk_weights"] = weights
             ref[f"blocks.{i}.mlp.hook_topk_ids"] = ids
     return ref
+
+
+def _tl_norm(x, layer_norm: bool, cfg):
+    """TransformerLens's hook_scale and hook_normalized: the norm's statistics, before its weight."""
+    eps = cfg.layer_norm_epsilon if layer_norm else cfg.rms_norm_eps
+    if layer_norm:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return scale, x / scale
 
 
 def _embed(model, seq):

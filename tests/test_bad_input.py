@@ -97,7 +97,9 @@ def test_spec_files_json_yaml_and_malformed(tmp_path):
 
 def test_unknown_engine_and_beam_search(load, tmp_path):
     with pytest.raises(ValueError, match="no dmi adapter"):
-        dmi.attach(torch.nn.Linear(2, 2), {"sink": str(tmp_path / "x.h5")})
+        dmi.attach(object(), {"sink": str(tmp_path / "x.h5")})
+    with pytest.raises(ValueError, match="offers its dmi.HookPoints \\(none\\) and 'module:"):
+        dmi.attach(torch.nn.Linear(2, 2), {"sink": str(tmp_path / "x.h5")})  # default hooks: none in a Linear
     model = load("qwen3")
     with dmi.attach(model, {"hooks": ["blocks.0.hook_resid_post"], "sink": str(tmp_path / "b.h5")}):
         with pytest.raises(ValueError, match="beam search"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 import dmi
 from dmi import plugins
@@ -31,10 +32,12 @@ def test_adapter_and_sink_resolution(load, tmp_path):
     assert {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gpt2"} <= families
 
 
-def test_unknown_model_type_names_the_known_ones(load, tmp_path):
+def test_a_model_without_a_table_is_derived_and_one_without_layers_is_refused_naming_what_is_missing(tmp_path):
     from transformers import AutoModelForCausalLM, PhiConfig
 
     model = AutoModelForCausalLM.from_config(PhiConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
                                                        num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="model_type 'phi'.*qwen3"):
+    assert "blocks.0.hook_resid_post" in plugins.adapter_for(model).offered()  # no table: from structure
+    model.model.layers = torch.nn.ModuleList()
+    with pytest.raises(ValueError, match="model_type 'phi'.*no decoder-layer list.*qwen3"):
         dmi.attach(model, {"sink": str(tmp_path / "x.h5")})

@@ -21,12 +21,13 @@ import torch
 
 from dmi.adapter import Adapter, Binding
 from dmi.errors import SpecError, UnknownHookError, closest
-from dmi.hooknames import canonical_names, resolve, split_layer
+from dmi.hooknames import HOOK_TYPE_BY_SUFFIX, canonical_names, resolve, split_layer
 from dmi.hookpoint import HookPoint
 from dmi.kernels.capture_op import capture as capture_op
 from dmi.plan import LOGITS, TOKENS
 
 from . import compiled, reading
+from .derive import Derived, StructureError, derive
 from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
 from .tables.base import ArchTable, Tap
 
@@ -34,16 +35,29 @@ from .tables.base import ArchTable, Tap
 class HFBinding(Binding):
     tap: Tap | None = None
     path: str = ""
+    # Reads the LM head (hook_logits, unembed.hook_in/out): in generate only the rows the
+    # engine computes logits for (logits_to_keep), like hook_logits.
+    lm_head_rows: bool = False
 
 
 class HFAdapter(Adapter):
     engine_name = "hf"
 
-    def __init__(self, model: torch.nn.Module, table: ArchTable):
+    def __init__(self, model: torch.nn.Module, table: ArchTable | None = None, derived: Derived | None = None):
+        """table: a hand-written (or plugin) table; its taps override what the structure gives.
+        Without one, every tap is derived from the model's structure (adapters.hf.derive);
+        `derived` gives the taps instead (adapters.hf.generic: any nn.Module)."""
         super().__init__(model)
         self.model = model
         self.table = table
-        self.dims = table.dims(model.config)
+        self.derived = derived
+        if derived is None:
+            try:
+                self.derived = derive(model)
+            except StructureError:
+                if table is None:
+                    raise
+        self.dims = table.dims(model.config) if table is not None else self.derived.dims
         self.counter = RequestCounter()
         self._handles: list = []
         self._local = threading.local()   # per calling thread: its generate state, its open boundary
@@ -81,32 +95,61 @@ class HFAdapter(Adapter):
 
     def offered(self) -> dict[str, tuple[Tap, str]]:
         """Canonical name -> (tap, module path), for every hook whose module exists in this model."""
+        return {name: (tap, path) for name, (tap, path, _) in self.found().items()}
+
+    def found(self) -> dict[str, tuple[Tap, str, str]]:
+        """Canonical name -> (tap, module path, how it was found), in forward order."""
+        found = self.derived.found if self.derived is not None else {}
         out = {}
         for name in canonical_names(self.dims.n_layers):
             layer, suffix = split_layer(name)
-            tap = self.table.taps.get(suffix)
-            if tap is None:
-                continue
-            path = self._path(tap.module, layer)
-            if path is not None and self._module(path) is not None:
-                out[name] = (tap, path)
+            tap = self.table.taps.get(suffix) if self.table is not None else None
+            if tap is not None:
+                path = self._path(tap.module, layer)
+                if path is not None and self._module(path) is not None:
+                    out[name] = (tap, path, f"table {self.table.family!r}")
+                    continue
+            if name in found and self._module(found[name].path) is not None:
+                f = found[name]
+                out[name] = (f.tap, f.path, f.how)
         return out
 
-    def _hookpoints(self) -> dict[str, str]:
-        return {m.name or p: p for p, m in self.model.named_modules() if isinstance(m, HookPoint)}
+    def _hookpoints(self, offered: dict | None = None) -> dict[str, str]:
+        """HookPoint name -> module path. Two HookPoints with one name are refused, and so is a
+        HookPoint using a canonical name this model offers elsewhere (it would replace it)."""
+        out: dict[str, str] = {}
+        for p, m in self.model.named_modules():
+            if not isinstance(m, HookPoint):
+                continue
+            name = m.name or p
+            if name in out:
+                raise SpecError("hooks", f"two HookPoints are named {name!r} (at {out[name]!r} and {p!r}); "
+                                         f"give each a unique name")
+            if offered is not None and name in offered and offered[name][1] != p:
+                raise SpecError("hooks", f"HookPoint {name!r} at {p!r} uses the name of a hook this model already "
+                                         f"offers at {offered[name][1]!r}; a canonical name may only mark that "
+                                         f"hook's own place. Rename the HookPoint")
+            out[name] = p
+        return {n: p for n, p in out.items() if offered is None or n not in offered}
 
     def _eager(self) -> bool:
         return getattr(self.model.config, "_attn_implementation", "eager") == "eager"
 
     def _resolve(self, patterns: list[str], offered: dict, hookpoints: dict) -> list[str]:
-        explicit_only = frozenset(n for n, (tap, _) in offered.items() if tap.eager_only and not self._eager())
+        # Presets and globs skip hooks that need eager attention it lacks, recomputed ones, and
+        # TransformerBridge's component names (mostly other names for the same tensors).
+        explicit_only = frozenset(n for n, (tap, _) in offered.items()
+                                  if (tap.eager_only and not self._eager()) or tap.fn is not None
+                                  or HOOK_TYPE_BY_SUFFIX[split_layer(n)[1]].group == "bridge")
         return resolve(patterns, list(offered), self.dims.n_layers, explicit_only, list(hookpoints))
 
     def resolve(self, patterns: list[str]) -> list[str]:
-        return self._resolve(patterns, self.offered(), self._hookpoints())
+        offered = self.offered()
+        return self._resolve(patterns, offered, self._hookpoints(offered))
 
     def bind(self, patterns: list[str]) -> list[Binding]:
-        offered, hookpoints = self.offered(), self._hookpoints()
+        offered = self.offered()
+        hookpoints = self._hookpoints(offered)
         names = self._resolve(patterns, offered, hookpoints)
         eager = self._eager()
         bindings = []
@@ -123,9 +166,10 @@ class HFAdapter(Adapter):
                                              f"computes; this model uses {impl!r}. Load it with "
                                              f"attn_implementation='eager' or drop the hook")
             row_bytes, shape, dtype = self._row_layout(tap)
-            bindings.append(HFBinding(name, f"{path}:{tap.io}", row_bytes, ragged=tap.view == "pattern",
-                                      row_shape=shape, dtype=dtype, tap=tap, path=path,
-                                      group=LOGITS if name == "hook_logits" else TOKENS))
+            lm_head = name in ("hook_logits", "unembed.hook_in", "unembed.hook_out")
+            bindings.append(HFBinding(name, f"{path}:{tap.io}", row_bytes, ragged=tap.ragged or tap.view == "pattern",
+                                      row_shape=shape, dtype=dtype, tap=tap, path=path, lm_head_rows=lm_head,
+                                      group=LOGITS if lm_head else TOKENS))
         return bindings
 
     def _module_tap(self, name: str) -> tuple[Tap, str]:
@@ -151,7 +195,7 @@ class HFAdapter(Adapter):
             p = next(self.model.parameters(), None)
             dtype = p.dtype if p is not None else torch.float32
         row_bytes = math.prod(shape) * dtype.itemsize
-        if 0 in shape or tap.view == "pattern":
+        if 0 in shape or tap.ragged or tap.view == "pattern":
             return row_bytes, None, None
         return row_bytes, shape, dtype
 
@@ -306,9 +350,12 @@ def _generate(adapter: HFAdapter, original, *args, **kwargs):
         adapter._gen = outer
 
 
-def _root_prefix(model, table: ArchTable):
+def _root_prefix(model, table: ArchTable | None):
     """Tables are written from the causal-LM root ("model.layers..."). A bare base model
-    (Qwen3Model, GPT2Model) has the same modules one level up; lm_head is then absent."""
+    (Qwen3Model, GPT2Model) has the same modules one level up; lm_head is then absent.
+    Derived taps are found on the model itself and need no prefix."""
+    if table is None:
+        return lambda path: path
     first = table.layers_path.split(".")[0]
     if hasattr(model, first):
         return lambda path: path

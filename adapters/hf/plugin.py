@@ -25,11 +25,16 @@ def dmi_adapter_for(engine, tables):
 
     from .adapter import HFAdapter
 
+    from .derive import StructureError
+
     model_type = getattr(engine.config, "model_type", None)
     for table in tables("hf"):
         if model_type in table.model_types:
             return HFAdapter(engine, table)
-    known = sorted({t for table in tables("hf") for t in table.model_types})
-    raise EngineNotSupportedError(f"dmi has no HF architecture table for model_type {model_type!r}; known: "
-                                  f"{', '.join(known)}. Add one through the dmi_arch_tables plugin hook, or "
-                                  f"capture with 'module:<path>' hooks after adding a table")
+    try:  # no table: every tap from the model's structure
+        return HFAdapter(engine)
+    except StructureError as e:
+        known = sorted({t for table in tables("hf") for t in table.model_types})
+        raise EngineNotSupportedError(f"dmi cannot read the structure of this HF model (model_type {model_type!r}): "
+                                      f"{e}. Tables exist for: {', '.join(known)}; add one through the "
+                                      f"dmi_arch_tables plugin hook") from None

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                            add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
+    __import__("dmi.cli.hooks_cmd", fromlist=["add_parser"]).add_parser(sub)
     sub.add_parser("plugins", help="list registered adapters, sinks, tables and predicates, and their packages")
 
     demo = sub.add_parser("demo", help="build a tiny random Qwen3 and a byte tokenizer locally, capture, summarise")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from .plugins_cmd import list_plugins
 
             print(list_plugins())
+        elif hasattr(args, "handler"):
+            args.handler(args)
         elif args.command == "demo":
             from .demo_cmd import demo
 

@@ -23,6 +23,21 @@ class Tap:
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dtype: str | None = None                  # fixed dtype (router ids); None: the model's
     eager_only: bool = False                  # needs attn_implementation="eager"
+    # Derived values (adapters.hf.reading): a slice of the last dim before any heads view
+    # (fused projections), a [groups, per_group, head_dim] split keeping per_group lo:hi
+    # (interleaved fused q/k/v), an explicit head shape, a constant factor and a tanh soft-cap
+    # the model applies outside the module, and the norm statistics TransformerLens hooks.
+    cols: tuple[int, int] | None = None
+    grouped: tuple[int, int, int, int] | None = None
+    heads: tuple[int, int] | None = None
+    scale: float | None = None
+    softcap: float | None = None
+    eps: float | None = None                  # norm views: the norm's epsilon
+    centered: bool = False                    # norm views: LayerNorm (subtract the mean) vs RMSNorm
+    ragged: bool = False                      # row width grows with position (attention pattern, scores)
+    # Computed from the hooked module's (args, kwargs, output) instead of picked (rotary q/k,
+    # attention scores); bound to the model's own submodules, so not shared between models.
+    fn: Callable | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,5 @@ LLAMA_LIKE: dict[str, Tap] = {
     "mlp.hook_post": Tap(L + ".mlp.down_proj", io="input", index=0, shape=lambda d: (d.intermediate,)),
     "hook_mlp_out": Tap(L + ".mlp"),
     "hook_resid_post": Tap(L),
-    "ln_final.hook_normalized": Tap("model.norm"),
     "hook_logits": Tap("lm_head", shape=lambda d: (d.vocab,)),
 }

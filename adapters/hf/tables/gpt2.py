@@ -33,7 +33,6 @@ TABLE = ArchTable(
         "mlp.hook_post": Tap(H + ".mlp.act", shape=lambda d: (d.intermediate,)),
         "hook_mlp_out": Tap(H + ".mlp"),
         "hook_resid_post": Tap(H),
-        "ln_final.hook_normalized": Tap("transformer.ln_f"),
         "hook_logits": Tap("lm_head", shape=lambda d: (d.vocab,)),
     },
 )
