@@ -98,8 +98,9 @@ class Session:
         self.strict = None
         from dmi import strict
 
-        if strict.enabled():  # tests: record any dmi Python in the hot path (dmi/strict.py)
-            self.strict = strict.Probe(self).install()
+        # Tests: record any dmi Python in the hot path (dmi/strict.py), from the first step on
+        # (an engine compiled at construction traces its graph before that).
+        self._strict_pending = strict.enabled()
         atexit.unregister(_close_open_sessions)
         atexit.register(_close_open_sessions)
 
@@ -136,6 +137,11 @@ class Session:
         groups the bindings use (e.g. {"logits": one row per request})."""
         if self.closed:
             return
+        if self._strict_pending:
+            from dmi import strict
+
+            self._strict_pending = False
+            self.strict = strict.Probe(self).install()
         self.acquire_step()
         tables = {TOKENS: rows, **(groups or {})}
         # Once the sink has failed nothing can be written: plan no ring space, count the rows.

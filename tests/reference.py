@@ -42,6 +42,7 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
     KV = H if gpt2 else cfg.num_key_value_heads
     ref = {"hook_embed": _embed(model, seq), "unembed.hook_in": hs[-1][0], "hook_logits": out.logits[0]}
     ref["unembed.hook_out"] = ref["hook_logits"]
+    ref["ln_final.hook_out"] = hs[-1][0]  # the final norm's output, after its weight, at every position
     if gpt2:
         with torch.no_grad():
             ref["hook_pos_embed"] = model.transformer.wpe(torch.arange(len(seq)))

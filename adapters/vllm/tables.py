@@ -56,7 +56,7 @@ LLAMA_LIKE: dict[str, VTap] = {
                           shard="mlp"),
     "hook_mlp_out": VTap(L + ".mlp", "out"),
     "hook_resid_post": VTap(L, "out_sum"),
-    "ln_final.hook_normalized": VTap("model.norm", "out"),
+    "ln_final.hook_out": VTap("model.norm", "out"),
     "hook_logits": VTap("logits_processor", "out", shape=lambda d: (d.vocab,)),
 }
 

@@ -401,12 +401,17 @@ class HDF5Sink(Sink):
         return data
 
     def _request_indices(self, block: RowBlock) -> np.ndarray:
-        # Every block of a frame shares one id table: map it once per frame, then index.
+        # Every block of a frame shares one id table: map each id of it once per frame (only the
+        # ids rows use: the table also names requests the filters left out), then index.
         last = self._last_requests
         ids = block.request_ids
         if last is None or last[0] is not ids:
-            last = self._last_requests = (ids, self._map_requests(ids))
-        return last[1][block.request_index]
+            last = self._last_requests = (ids, np.full(len(ids), -1, dtype=np.int32))
+        table, idx = last[1], block.request_index
+        missing = np.unique(idx[table[idx] < 0])
+        if len(missing):
+            table[missing] = self._map_requests([ids[j] for j in missing.tolist()])
+        return table[idx]
 
     def _map_requests(self, requests: list[str]) -> np.ndarray:
         index = self._request_index

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.sglang
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 HOOKS = ["blocks.*.hook_resid_post", "hook_logits", "blocks.*.attn.hook_k", "blocks.0.attn.hook_z",
-         "ln_final.hook_normalized"]
+         "ln_final.hook_out"]
 
 
 def test_bad_spec_in_the_environment_fails_where_the_engine_is_constructed(sgl_tiny, monkeypatch):

@@ -24,7 +24,13 @@ GREEDY = {"temperature": 0}
 def engine(sgl_tiny):
     # Two running requests at most and 16-token prefill chunks: five requests need several
     # batches, a 20-token prompt is prefilled in two chunks, and decodes mix with prefills.
-    e = start_engine(sgl_tiny("qwen3"), max_running_requests=2, chunked_prefill_size=16, enable_mixed_chunk=True)
+    # DMI_STRICT: the scheduler records any per-hook host work inside a step (dmi/strict.py).
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DMI_STRICT", "1")
+    try:
+        e = start_engine(sgl_tiny("qwen3"), max_running_requests=2, chunked_prefill_size=16, enable_mixed_chunk=True)
+    finally:
+        mp.undo()
     yield e
     e.shutdown()
 
@@ -43,6 +49,7 @@ def test_ragged_requests_match_reference(engine, hf_model, tmp_path):
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         live = s.stats()
     assert live["rows"]["produced"] > 0
+    assert live["strict"] == [], live["strict"]
     run = dmi.open(out)
     rids = [o["meta_info"]["id"] for o in outs]
     assert sorted(run.requests) == sorted(rids)

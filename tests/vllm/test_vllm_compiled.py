@@ -25,7 +25,8 @@ def armed(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("compiled")
     sink = str(root / "armed.h5")
     # A fresh compile cache: the test must see this code's graph, not one compiled before.
-    with env(VLLM_ENABLE_V1_MULTIPROCESSING=1, VLLM_CACHE_ROOT=str(root / "vllm-cache")):
+    # DMI_STRICT: the worker records any dmi Python inside the compiled forward (dmi/strict.py).
+    with env(VLLM_ENABLE_V1_MULTIPROCESSING=1, VLLM_CACHE_ROOT=str(root / "vllm-cache"), DMI_STRICT="1"):
         engine = make_llm(tiny_dirs["qwen3"], enforce_eager=False,
                           additional_config={"dmi": {"hooks": HOOKS, "sink": sink}})
     yield engine, sink
@@ -37,6 +38,8 @@ def test_compiled_armed_capture_matches_reference(armed, load):
     with dmi.attach(llm) as s:
         assert s.armed
         outs = generate(llm)
+        stats = s.stats()
+    assert stats["strict"] == [], stats["strict"]  # no dmi Python ran inside the compiled graph
     run = dmi.open(sink)
     assert run.complete and run.stats["rows"]["dropped"] == 0
     assert_books_balance(run.stats)

@@ -75,7 +75,7 @@ LLAMA_LIKE: dict[str, STap] = {
     "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,)),
     "hook_mlp_out": STap(at(L + ".mlp")),
     "hook_resid_post": STap(resid_after),
-    "ln_final.hook_normalized": STap(at("model.norm", index=0)),
+    "ln_final.hook_out": STap(at("model.norm", index=0)),
     # The logits processor computes one row per request (its last token): see adapters/sglang/rows.py.
     "hook_logits": STap(at("logits_processor", index="next_token_logits"), view="last_rows",
                         shape=lambda d: (d.vocab,)),

@@ -70,7 +70,7 @@ TABLE = ToyTable(
         "mlp.hook_post": Tap(L + ".mlp.down_proj", io="input", shape=lambda d: (d.intermediate,)),
         "hook_mlp_out": Tap(L + ".mlp"),
         "hook_resid_post": Tap(L),
-        "ln_final.hook_normalized": Tap("norm"),
+        "ln_final.hook_out": Tap("norm"),
         "hook_logits": Tap("lm_head", shape=lambda d: (d.vocab,)),
     },
 )

@@ -21,7 +21,7 @@ HOOKS = [
     "blocks.*.mlp.hook_post",
     "blocks.*.hook_mlp_out",
     "blocks.*.hook_resid_post",
-    "ln_final.hook_normalized",
+    "ln_final.hook_out",
     "hook_logits",
 ]
 

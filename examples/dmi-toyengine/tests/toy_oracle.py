@@ -57,6 +57,6 @@ def reference(engine, seq: list[int]) -> dict[str, torch.Tensor]:
         x = x + mlp
         out[p + "hook_resid_post"] = x
     normed = _rms(x, m.norm.weight, cfg.norm_eps)
-    out["ln_final.hook_normalized"] = normed
+    out["ln_final.hook_out"] = normed
     out["hook_logits"] = normed @ m.lm_head.weight.T
     return out
