@@ -14,10 +14,11 @@ PRESETS = {
     "cpu": dict(engines="hf,vllm,sglang", model="small", batch_sizes="1,8,32", decode_lens="16,64", prompt_len=32,
                 repeats=5, modes="off,dmi,dmi-null,hf-hidden-states,hf-attentions,forward-hook-cpu,nnsight,"
                                  "sglang-hidden-states"),
-    "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64,256",
-                      decode_lens="16,128", prompt_len=128, repeats=5, dtype="bfloat16", device="cuda",
-                      modes="off,dmi,dmi-null,hf-hidden-states,off-graphs,dmi-graphs,forward-hook-cpu,nnsight,"
-                            "sglang-hidden-states"),
+    # Sized for one 10-minute call on one GPU (the full paper grid, batch 256 and every baseline,
+    # needs far longer and writes hundreds of GB): pass --batch-sizes/--modes to widen it.
+    "gpu-paper": dict(engines="hf,vllm,sglang", model="qwen3-4b", batch_sizes="1,16,64",
+                      decode_lens="16,128", prompt_len=128, repeats=3, dtype="bfloat16", device="cuda",
+                      modes="off,dmi,off-graphs,dmi-graphs,hf-hidden-states"),
 }
 DEFAULT_HOOKS = "blocks.*.hook_resid_post,hook_logits"
 
