@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from dmi.reader.views import RunViews
 from dmi.sinks.hdf5 import FORMAT, FORMAT_VERSION
 
 # A request's rows are spread over the file (requests are batched together), so reading them
@@ -104,7 +105,7 @@ class _Index:
         return self.positions[lo:hi]
 
 
-class Run:
+class Run(RunViews):
     """One captured run. Open with `open_run(path)`; use as a context manager or call close()."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -356,7 +357,8 @@ class Run:
             raise _unknown("hook", hook, self.hooks)
         return grp
 
-    def _request_idx(self, request: str) -> int:
+    def _request_idx(self, request: str | int) -> int:
+        request = self.request_id(request)
         if self._request_pos is None:
             self._request_pos = {r: i for i, r in enumerate(self.requests)}
         i = self._request_pos.get(request)
@@ -415,10 +417,17 @@ def _open_h5(path: str) -> h5py.File:
 
 
 def open_run(path: str | os.PathLike[str], merge_ranks: bool = True):
-    """Open a dmi HDF5 run for reading (safe while another process is still writing it).
+    """Open a dmi HDF5 run for reading (safe while another process is still writing it), or a
+    dataset (a folder, URL or manifest the dataset sink wrote) as one run across its writers.
 
     A run captured under tensor parallelism is rank 0's file plus "<path>.rank<r>" per other
     rank; with merge_ranks (the default) they read as one run (dmi.reader.ranks)."""
+    from dmi.reader.dataset import is_dataset
+
+    if is_dataset(path):  # a dataset folder, URL or manifest (dmi/sinks/dataset.py)
+        from dmi.reader.dataset import DatasetRun
+
+        return DatasetRun(path)
     run = Run(path)
     if not merge_ranks:
         return run

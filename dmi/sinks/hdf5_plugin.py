@@ -7,6 +7,8 @@ from dmi.plugins import hookimpl
 @hookimpl
 def dmi_sink_for(sink_spec):
     if isinstance(sink_spec, str):
+        if sink_spec == "memory":  # the memory sink's name; a file called so is "./memory"
+            return None
         path = sink_spec
     elif isinstance(sink_spec, dict) and sink_spec.get("kind") == "hdf5":
         path = sink_spec.get("path")
