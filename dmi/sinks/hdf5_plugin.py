@@ -16,8 +16,8 @@ def dmi_sink_for(sink_spec):
         return None
     from .hdf5 import HDF5Sink
 
-    kwargs = {k: v for k, v in sink_spec.items() if k in ("chunk_bytes", "flush_every_s")} \
+    kwargs = {k: v for k, v in sink_spec.items() if k in ("chunk_bytes", "flush_every_s", "overwrite")} \
         if isinstance(sink_spec, dict) else {}
     sink = HDF5Sink(path, **kwargs)
-    HDF5Sink.check_writable(path)
+    HDF5Sink.check_writable(path, overwrite=sink.overwrite)
     return sink
