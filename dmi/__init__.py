@@ -28,12 +28,14 @@ def attach(engine, spec=None, *, progress: bool = False):
     return Session(engine, adapter, spec, sink, progress=progress)
 
 
-def open(path, merge_ranks: bool = True):  # noqa: A001  (dmi.open is the public name)
-    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats.
-    A tensor-parallel run's rank files are merged into one unless merge_ranks=False."""
+def open(path, merge_ranks: bool = True, storage_options: dict | None = None):  # noqa: A001  (dmi.open is the public name)
+    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats,
+    stack(hook), run[hook]. A tensor-parallel run's rank files are merged into one unless
+    merge_ranks=False. A dataset (folder, s3://... URL or manifest) reads as one run across its
+    shards and writers; storage_options go to fsspec (endpoint, credentials)."""
     from dmi.reader import open_run
 
-    return open_run(path, merge_ranks=merge_ranks)
+    return open_run(path, merge_ranks=merge_ranks, storage_options=storage_options)
 
 
 __all__ = ["attach", "open", "CaptureSpec", "HookPoint", "DmiError", "SpecError", "UnknownHookError", "__version__"]

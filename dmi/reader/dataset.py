@@ -37,7 +37,9 @@ class DatasetRun(RunViews):
         import os
 
         self.path = os.fspath(path)
+        self.storage_options = dict(storage_options or {})
         self.fs, root = filesystem(self.path, storage_options)
+        self.fs.invalidate_cache()   # fsspec reuses instances: forget listings from before other writers' shards
         base = root.rsplit("/", 1)[-1]
         if base.startswith(MANIFEST_PREFIX):         # one writer's manifest
             self.root = root.rsplit("/", 1)[0] if "/" in root else "."
@@ -90,7 +92,7 @@ class DatasetRun(RunViews):
         self._cols.clear()
 
     def refresh(self) -> DatasetRun:
-        fresh = DatasetRun(self.path)
+        fresh = DatasetRun(self.path, self.storage_options)
         self.__dict__.update(fresh.__dict__)
         return self
 
@@ -179,6 +181,11 @@ class DatasetRun(RunViews):
     def nbytes(self, hook: str) -> int:
         self._meta_of(hook)
         return sum(s.get("bytes", 0) for m in self.manifests for s in m["shards"] if s.get("hook") == hook)
+
+    def shards_of(self, hook: str) -> list[tuple[str, int]]:
+        """(full path, rank) of each listed shard of the hook."""
+        return [(f"{self.root}/{s['path']}", m["rank"]) for m in self.manifests for s in m["shards"]
+                if not s.get("gaps") and s["hook"] == hook]
 
     def shard_paths(self, hook: str | None = None) -> list[str]:
         """Full paths of the listed (complete) shards, of one hook or all; data_files for

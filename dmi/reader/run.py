@@ -416,7 +416,7 @@ def _open_h5(path: str) -> h5py.File:
     raise ValueError(f"{path!r} is not a readable HDF5 file: {error}") from error
 
 
-def open_run(path: str | os.PathLike[str], merge_ranks: bool = True):
+def open_run(path: str | os.PathLike[str], merge_ranks: bool = True, storage_options: dict | None = None):
     """Open a dmi HDF5 run for reading (safe while another process is still writing it), or a
     dataset (a folder, URL or manifest the dataset sink wrote) as one run across its writers.
 
@@ -427,7 +427,7 @@ def open_run(path: str | os.PathLike[str], merge_ranks: bool = True):
     if is_dataset(path):  # a dataset folder, URL or manifest (dmi/sinks/dataset.py)
         from dmi.reader.dataset import DatasetRun
 
-        return DatasetRun(path)
+        return DatasetRun(path, storage_options)
     run = Run(path)
     if not merge_ranks:
         return run
