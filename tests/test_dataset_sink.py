@@ -79,8 +79,9 @@ CRASH = textwrap.dedent(r"""
 
 
 def test_crash_leaves_only_complete_listed_shards(tmp_path):
-    """Killed while publishing its 5th object (a shard or the manifest), the dataset still
-    opens: the manifest lists only whole shards, and every listed row is intact."""
+    """Killed half way through rewriting its manifest (the 6th object through _put; a shard
+    was just renamed into place, rows sit in the buffer): the dataset still opens, the last
+    whole manifest lists only whole shards, and every listed row is intact."""
     import pyarrow.dataset as pads
 
     out = tmp_path / "ds"

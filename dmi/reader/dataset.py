@@ -262,13 +262,18 @@ class DatasetRun(RunViews):
             for s in m["shards"]:
                 if s.get("hook") != hook:
                     continue
-                t = pq.read_table(f"{self.root}/{s['path']}", filesystem=self.fs)
-                datas.append(table_rows(t, h))
-                ids = t.column("request").to_pylist()
+                path = f"{self.root}/{s['path']}"
+                if path.endswith(".safetensors"):
+                    data, ids, pos, step = read_safetensors(self.fs.cat_file(path))
+                else:
+                    t = pq.read_table(path, filesystem=self.fs)
+                    data, ids = table_rows(t, h), t.column("request").to_pylist()
+                    pos, step = t.column("position").to_numpy(), t.column("step").to_numpy()
+                datas.append(data)
                 reqs.append(np.fromiter((self._request_pos[self._qualified(m["rank"], r)] for r in ids),
                                         np.int64, len(ids)))
-                poss.append(t.column("position").to_numpy())
-                steps.append(t.column("step").to_numpy())
+                poss.append(pos)
+                steps.append(step)
         dtype = _np_dtype(h["dtype"])
         data = _join(datas, h["ragged"]) if datas else np.zeros((0, *h["row_shape"]), dtype)
         req = np.concatenate(reqs) if reqs else np.zeros(0, np.int64)
@@ -301,6 +306,25 @@ def table_rows(table, hook_meta: dict[str, Any]) -> np.ndarray:
     for i in range(n):
         out[i, ..., : widths[i]] = values[offsets[i]:offsets[i + 1]].reshape(*inner, widths[i])
     return out
+
+
+def read_safetensors(payload: bytes) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """(data [n, *row] as stored, request id per row, position, step) of a safetensors shard.
+    Ragged rows were written zero-padded to the shard's widest, which is how they are read."""
+    import struct
+
+    from safetensors.torch import load
+
+    t = load(payload)
+    header = json.loads(payload[8:8 + struct.unpack("<Q", payload[:8])[0]])
+    ids = json.loads(header["__metadata__"]["requests"])
+    data = t["data"]
+    if data.dtype == torch.bfloat16:   # kept as uint16 bit patterns, like every other reader
+        data = data.view(torch.int16)
+    out = data.numpy()
+    if out.dtype == np.int16:
+        out = out.view(np.uint16)
+    return out, [ids[i] for i in t["request_index"].tolist()], t["position"].numpy(), t["step"].numpy()
 
 
 def _np_dtype(name: str) -> np.dtype:

@@ -38,6 +38,10 @@ from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
 
 FORMAT = "dmi-dataset"
 FORMAT_VERSION = 1
+# Parquet is the default (docs/decisions.md); safetensors shards (one file per hook shard:
+# data, request_index, position, step, width; ids and hook metadata in the header) are what
+# `dmi export --to safetensors` writes, for tools that load tensors directly.
+SHARD_FORMATS = ("parquet", "safetensors")
 MANIFEST_PREFIX = "_manifest.rank"
 GAPS_DIR = "_gaps"
 
@@ -75,12 +79,25 @@ class _Hook:
     parts: list[tuple[np.ndarray, list[str], np.ndarray, np.ndarray]] = field(default_factory=list)
     buffered: int = 0
     seq: int = 0
+    # The Parquet shard being written (row group by row group), published when it is closed.
+    writer: Any = None
+    out: Any = None          # the open temporary file, or an in-memory stream for object storage
+    tmp: str | None = None
+    shard_rows: int = 0
+    shard_bytes: int = 0
+
+
+# Rows are buffered per hook up to a row group of ROW_GROUP_BYTES; a block of at least
+# DIRECT_BYTES is written as its own row group straight from the caller's array (no copy).
+ROW_GROUP_BYTES = 4 << 20
+DIRECT_BYTES = 256 << 10
 
 
 class DatasetSink(Sink):
     def __init__(self, path: str, rank: int | None = None, shard_bytes: int = 128 << 20,
                  overwrite: bool = False, storage_options: dict[str, Any] | None = None,
-                 compression: str | None = None, flush_every_s: float | None = None) -> None:
+                 compression: str | None = None, flush_every_s: float | None = None,
+                 shard_format: str = "parquet") -> None:
         if not isinstance(path, str) or not path:
             raise _error("sink.path", f"a dataset sink needs a folder or URL, got {path!r}")
         if shard_bytes <= 0:
@@ -90,6 +107,9 @@ class DatasetSink(Sink):
         if self.rank < 0:
             raise _error("sink.rank", f"must be >= 0, got {rank}")
         self.shard_bytes = int(shard_bytes)
+        if shard_format not in SHARD_FORMATS:
+            raise _error("sink.shard_format", f"must be one of {', '.join(SHARD_FORMATS)}, got {shard_format!r}")
+        self.shard_format = shard_format
         self.overwrite = bool(overwrite)
         self.storage_options = dict(storage_options or {})
         self.compression = compression or "none"
@@ -158,14 +178,20 @@ class DatasetSink(Sink):
             for r in block.request:
                 if r not in self._requests:
                     self._requests[r] = None
-            # The drain reuses its buffers after write() returns: keep private copies.
-            h.parts.append((np.array(data, copy=True), list(block.request),
-                            np.asarray(block.position, dtype=np.int64).reshape(n).copy(),
-                            np.asarray(block.step, dtype=np.int64).reshape(n).copy()))
-            h.buffered += data.nbytes
-            if h.buffered >= self.shard_bytes:
-                self._publish(h)
-                self._write_manifest(complete=False, stats=None)
+            pos = np.asarray(block.position, dtype=np.int64).reshape(n)
+            step = np.asarray(block.step, dtype=np.int64).reshape(n)
+            group = min(ROW_GROUP_BYTES, self.shard_bytes)
+            if self.shard_format == "parquet" and data.nbytes >= min(DIRECT_BYTES, group):
+                self._row_group(h)
+                self._row_group(h, (data, list(block.request), pos, step))
+            else:
+                # The drain reuses its buffers after write() returns: keep private copies.
+                h.parts.append((np.array(data, copy=True), list(block.request), pos.copy(), step.copy()))
+                h.buffered += data.nbytes
+                if self.shard_format == "parquet" and h.buffered >= group:
+                    self._row_group(h)
+                elif self.shard_format != "parquet" and h.buffered >= self.shard_bytes:
+                    self._publish(h)
         if self.flush_every_s is not None and time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
@@ -211,19 +237,73 @@ class DatasetSink(Sink):
         dtype = np.dtype(np.uint16) if info.dtype == "bfloat16" else data.dtype
         return _Hook(info=info, dtype=dtype, row_shape=tuple(int(d) for d in data.shape[1:]))
 
-    def _publish(self, h: _Hook) -> None:
-        if not h.parts:
-            return
-        import pyarrow as pa
+    def _row_group(self, h: _Hook, direct=None) -> None:
+        """Append the buffered rows (or the `direct` block) to the hook's open Parquet shard as
+        one row group; publish the shard once it holds shard_bytes."""
+        import pyarrow.parquet as pq
 
-        parts, h.parts, h.buffered = h.parts, [], 0
+        if direct is not None:
+            parts = [direct]
+        elif h.parts:
+            parts, h.parts, h.buffered = h.parts, [], 0
+        else:
+            return
         table = rows_table(h.info, h.dtype, [p[0] for p in parts], [r for p in parts for r in p[1]],
                            np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+        if h.writer is None:
+            h.tmp = None
+            if self.local:
+                final = self._join(f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.parquet")
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                h.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+                h.out = open(h.tmp, "wb")
+            else:
+                import pyarrow as pa
+
+                h.out = pa.BufferOutputStream()
+            h.writer = pq.ParquetWriter(h.out, table.schema, compression=self.compression,
+                                        use_dictionary=["request"], write_statistics=False)
+        h.writer.write_table(table, row_group_size=1 << 30)
+        h.shard_rows += table.num_rows
+        h.shard_bytes += int(table.nbytes)
+        if h.shard_bytes >= self.shard_bytes:
+            self._finish_shard(h)
+            self._write_manifest(complete=False, stats=None)
+
+    def _finish_shard(self, h: _Hook) -> None:
+        if h.writer is None:
+            return
         name = f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.parquet"
+        writer, out, tmp, rows = h.writer, h.out, h.tmp, h.shard_rows
+        h.writer = h.out = h.tmp = None
+        h.shard_rows = h.shard_bytes = 0
         h.seq += 1
-        nbytes = self._put(name, _parquet_bytes(table, self.compression))
-        self._shards.append({"path": name, "hook": h.info.name, "rows": table.num_rows, "bytes": nbytes})
-        del pa
+        writer.close()
+        if tmp is not None:
+            out.close()
+            final = self._join(name)
+            os.replace(tmp, final)
+            nbytes = os.path.getsize(final)
+            self.bytes_published += nbytes
+        else:
+            nbytes = self._put(name, out.getvalue().to_pybytes())   # boto wants bytes
+        self._shards.append({"path": name, "hook": h.info.name, "rows": rows, "bytes": nbytes})
+
+    def _publish(self, h: _Hook) -> None:
+        """Everything of the hook not yet published becomes (part of) a complete shard."""
+        if self.shard_format == "parquet":
+            self._row_group(h)
+            self._finish_shard(h)
+            return
+        if not h.parts:
+            return
+        parts, h.parts, h.buffered = h.parts, [], 0
+        datas, ids = [p[0] for p in parts], [r for p in parts for r in p[1]]
+        pos, step = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+        name = f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.{self.shard_format}"
+        h.seq += 1
+        nbytes = self._put(name, safetensors_bytes(h.info, h.dtype, datas, ids, pos, step))
+        self._shards.append({"path": name, "hook": h.info.name, "rows": len(ids), "bytes": nbytes})
 
     def _publish_gaps(self) -> None:
         if not self._gaps:
@@ -240,28 +320,42 @@ class DatasetSink(Sink):
         })
         name = f"{GAPS_DIR}/rank{self.rank:05d}-{self._gap_seq:06d}.parquet"
         self._gap_seq += 1
-        self._put(name, _parquet_bytes(table, self.compression))
+        self._put(name, lambda out: _write_parquet(table, out, self.compression))
         self._shards.append({"path": name, "hook": None, "rows": table.num_rows, "gaps": True})
 
-    def _put(self, name: str, payload: bytes) -> int:
+    def _put(self, name: str, payload) -> int:
         """Publish a whole object: locally a temporary file renamed over the final name (atomic
-        on POSIX), elsewhere one PUT of the complete bytes."""
+        on POSIX), elsewhere one PUT of the complete bytes. `payload` is bytes, or a function
+        that writes the object to a binary stream (saves a copy of the shard)."""
         path = self._join(name)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload) if not callable(payload) else payload(f)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            nbytes = os.path.getsize(path)
         else:
+            if callable(payload):
+                import pyarrow as pa
+
+                out = pa.BufferOutputStream()
+                payload(out)
+                payload = out.getvalue().to_pybytes()   # boto wants bytes
             self.fs.pipe_file(path, payload)
-        self.bytes_published += len(payload)
-        return len(payload)
+            nbytes = len(payload)
+        self.bytes_published += nbytes
+        return nbytes
 
     def _write_manifest(self, complete: bool, stats: dict[str, Any] | None) -> None:
         from dmi.sinks.hdf5 import json_default
 
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank, "shard_format": self.shard_format,
                "complete": complete, "written_at": datetime.now(timezone.utc).isoformat(),
                "meta": self._meta or {},
                "hooks": {name: {"dtype": h.info.dtype, "row_shape": list(h.row_shape), "ragged": bool(h.info.ragged),
@@ -282,7 +376,7 @@ class DatasetSink(Sink):
             return
         for p in found:
             base = p.rsplit("/", 1)[-1]
-            if base == manifest_name(self.rank) or (base.startswith(prefix) and base.endswith(".parquet")):
+            if base == manifest_name(self.rank) or (base.startswith(prefix) and base.endswith(SHARD_FORMATS)):
                 self.fs.rm_file(p)
 
 
@@ -303,12 +397,13 @@ def rows_table(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], request
         extra = {"width": pa.array(widths, pa.int32())}
         row_shape = [int(d) for d in datas[0].shape[1:-1]] + [int(max(d.shape[-1] for d in datas))]
     else:
-        data = datas[0] if len(datas) == 1 else np.concatenate(datas)
-        per_row = int(np.prod(data.shape[1:], dtype=np.int64))
-        values = np.ascontiguousarray(data).reshape(-1).astype(dtype, copy=False)
-        col = pa.FixedSizeListArray.from_arrays(pa.array(values, value_type), per_row)
+        # One Arrow chunk per block, each a zero-copy view of the block: no concatenation.
+        per_row = int(np.prod(datas[0].shape[1:], dtype=np.int64))
+        col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(d).reshape(-1).astype(dtype, copy=False), value_type), per_row)
+            for d in datas])
         extra = {}
-        row_shape = [int(d) for d in data.shape[1:]]
+        row_shape = [int(d) for d in datas[0].shape[1:]]
     meta = {"hook": info.name, "dtype": info.dtype, "row_shape": row_shape, "ragged": bool(info.ragged),
             "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
     table = pa.table({"request": pa.array(requests, pa.string()), "position": pa.array(position, pa.int64()),
@@ -316,14 +411,46 @@ def rows_table(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], request
     return table.replace_schema_metadata({"dmi": json.dumps(meta)})
 
 
-def _parquet_bytes(table, compression: str) -> bytes:
-    import pyarrow as pa
+def safetensors_bytes(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], requests: list[str],
+                      position: np.ndarray, step: np.ndarray) -> bytes:
+    """One safetensors shard: data [n, *row] (ragged rows zero-padded, their widths in `width`),
+    request_index into the header's request list, position, step."""
+    import torch
+    from safetensors.torch import save
+
+    if info.ragged:
+        w = max(d.shape[-1] for d in datas)
+        width = np.concatenate([np.full(len(d), d.shape[-1], np.int32) for d in datas])
+        data = np.zeros((sum(len(d) for d in datas), *datas[0].shape[1:-1], w), dtype)
+        i = 0
+        for d in datas:
+            data[i:i + len(d), ..., : d.shape[-1]] = d
+            i += len(d)
+    else:
+        data = datas[0] if len(datas) == 1 else np.concatenate(datas)
+        width = None
+    t = torch.from_numpy(np.ascontiguousarray(data))
+    if info.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    ids = list(dict.fromkeys(requests))
+    index = {r: i for i, r in enumerate(ids)}
+    tensors = {"data": t, "request_index": torch.tensor([index[r] for r in requests], dtype=torch.int32),
+               "position": torch.from_numpy(np.ascontiguousarray(position, np.int64)),
+               "step": torch.from_numpy(np.ascontiguousarray(step, np.int64))}
+    if width is not None:
+        tensors["width"] = torch.from_numpy(width)
+    meta = {"hook": info.name, "dtype": info.dtype, "row_shape": [int(d) for d in data.shape[1:]],
+            "ragged": bool(info.ragged), "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
+    return save(tensors, metadata={"dmi": json.dumps(meta), "requests": json.dumps(ids)})
+
+
+def _write_parquet(table, out, compression: str) -> None:
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    # Activations barely compress (float mantissas); "none" keeps the writer at memory speed.
-    pq.write_table(table, sink, compression=compression, use_dictionary=["request"], write_statistics=False)
-    return sink.getvalue().to_pybytes()
+    # Activations barely compress (float mantissas): "none" keeps the writer near memory speed,
+    # and a dictionary is tried only where it pays (request ids), never on the floats.
+    pq.write_table(table, out, compression=compression, use_dictionary=["request"], write_statistics=False,
+                   row_group_size=1 << 20)
 
 
 def _protocols(fs) -> tuple[str, ...]:

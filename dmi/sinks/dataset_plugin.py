@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dmi.plugins import hookimpl
 
-FIELDS = ("kind", "path", "rank", "shard_bytes", "overwrite", "storage_options", "compression", "flush_every_s")
+FIELDS = ("kind", "path", "rank", "shard_bytes", "overwrite", "storage_options", "compression", "flush_every_s",
+          "shard_format")
 
 
 @hookimpl
