@@ -35,6 +35,7 @@ def test_export_round_trip(source, tmp_path, fmt, capsys):
     assert "dmi export" in captured.out and "hook x request" in captured.err   # the progress bar
     src = dmi.open(source)
     assert src.dtype("blocks.0.hook_resid_post") == "bfloat16"
+    assert main(["inspect", ds]) == 0 and "hook_resid_post" in capsys.readouterr().out   # summarised like a file
     mid = dmi.open(ds)
     assert mid.shard_paths()[0].endswith("." + fmt) and len(mid.shard_paths("blocks.0.hook_resid_post")) >= 2
     assert_same_capture(mid, src)

@@ -122,6 +122,7 @@ class DatasetRun(RunViews):
     @property
     def meta(self) -> dict[str, Any]:
         out = dict(self.manifests[0]["meta"])
+        out["format"], out["format_version"] = FORMAT, max(int(m["format_version"]) for m in self.manifests)
         out["complete"] = self.complete
         out["ranks"] = [m["rank"] for m in self.manifests]
         out["request_ids_qualified"] = self._qualify
