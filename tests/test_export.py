@@ -64,3 +64,23 @@ def test_export_refuses_existing_destination_and_bad_input(source, tmp_path, cap
     with pytest.raises(SystemExit) as e:
         main(["export", source, "--to", "csv", str(tmp_path / "d")])
     assert e.value.code == 2
+
+
+def test_activation_dataset_reads_safetensors_shards(source, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from dmi.reader.torch_data import ActivationDataset
+
+    ds = str(tmp_path / "st")
+    assert main(["export", source, "--to", "safetensors", ds, "--shard-mb", "0.0005", "--quiet"]) == 0
+    src = dmi.open(source)
+    hook = "blocks.1.hook_resid_post"
+    data = ActivationDataset(ds, hook, batch_size=4, shuffle_buffer=0, dtype=None, with_index=True)
+    assert len(data) == src.num_rows(hook)
+    got = {(r, int(p)): row for x, reqs, pos in DataLoader(data, batch_size=None) for row, r, p in zip(x, reqs, pos)}
+    assert len(got) == src.num_rows(hook)
+    for r in src.requests:
+        for p, row in zip(src.positions(hook, r).tolist(), src.get(hook, r)):
+            assert torch.equal(got[(r, p)], row)   # bfloat16 kept bit for bit with dtype=None
+    with pytest.raises(ValueError, match="ragged"):
+        ActivationDataset(ds, "blocks.0.attn.hook_pattern")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dmi.reader.dataset import DatasetRun, table_rows
+from dmi.reader.dataset import DatasetRun, read_safetensors, table_rows
 
 
 class ActivationDataset(IterableDataset):
@@ -46,6 +46,7 @@ class ActivationDataset(IterableDataset):
         self.dtype, self.drop_last, self.with_index = dtype, drop_last, with_index
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._rows_total = run.num_rows(hook)
 
     def set_epoch(self, epoch: int) -> None:
         """A new shuffle order per epoch (as DistributedSampler.set_epoch)."""
@@ -53,12 +54,7 @@ class ActivationDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Rows of the hook (all workers and ranks together)."""
-        return sum(self._rows_of(path) for path, _ in self.shards)
-
-    def _rows_of(self, shard: str) -> int:
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(shard, filesystem=self.fs).metadata.num_rows
+        return self._rows_total   # from the manifests: no request per shard
 
     def _my_shards(self) -> list[tuple[str, int]]:
         info = get_worker_info()
@@ -73,9 +69,12 @@ class ActivationDataset(IterableDataset):
         import pyarrow.parquet as pq
 
         for shard, rank in self._my_shards():
-            t = pq.read_table(shard, filesystem=self.fs)
-            ids = [self._qualified(rank, r) for r in t.column("request").to_pylist()]
-            yield table_rows(t, self._meta), ids, t.column("position").to_numpy()
+            if shard.endswith(".safetensors"):
+                data, raw, pos, _ = read_safetensors(self.fs.cat_file(shard))
+            else:
+                t = pq.read_table(shard, filesystem=self.fs)
+                data, raw, pos = table_rows(t, self._meta), t.column("request").to_pylist(), t.column("position").to_numpy()
+            yield data, [self._qualified(rank, r) for r in raw], pos
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
