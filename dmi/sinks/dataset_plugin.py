@@ -18,10 +18,12 @@ def dmi_sink_for(sink_spec):
         raise SpecError("sink", f"unknown field(s) {sorted(unknown)} for the dataset sink; valid: {', '.join(FIELDS)}")
     if "path" not in sink_spec:
         raise SpecError("sink.path", "a dataset sink needs {'kind': 'dataset', 'path': DIR or 's3://bucket/prefix'}")
+    from dmi.sinks.dataset import DatasetSink
+
     try:
-        from dmi.sinks.dataset import DatasetSink
+        import pyarrow  # noqa: F401
+        sink = DatasetSink(**{k: v for k, v in sink_spec.items() if k != "kind"})   # fsspec resolves the path
     except ImportError as e:  # pragma: no cover - depends on the install
         raise SpecError("sink", f"the dataset sink needs pyarrow and fsspec: pip install 'dmi[data]' ({e})") from e
-    sink = DatasetSink(**{k: v for k, v in sink_spec.items() if k != "kind"})
     sink.check_writable()
     return sink
