@@ -49,13 +49,16 @@ def _is_compiled_module(engine) -> bool:
     return isinstance(engine, OptimizedModule)
 
 
-def open(path, merge_ranks: bool = True, salvage: bool = False):  # noqa: A001  (dmi.open is the public name)
-    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats.
-    A tensor-parallel run's rank files are merged into one unless merge_ranks=False.
-    salvage=True reads what survives of a file that was cut short (a copy or disk that stopped)."""
+def open(path, merge_ranks: bool = True, salvage: bool = False,  # noqa: A001  (dmi.open is the public name)
+         storage_options: dict | None = None):
+    """Read a capture file: requests, hooks, get(hook, request), positions(hook, request), stats,
+    stack(hook), run[hook]. A tensor-parallel run's rank files are merged into one unless
+    merge_ranks=False. salvage=True reads what survives of a file that was cut short (a copy or
+    disk that stopped). A dataset (folder, s3://... URL or manifest) reads as one run across its
+    shards and writers; storage_options go to fsspec (endpoint, credentials)."""
     from dmi.reader import open_run
 
-    return open_run(path, merge_ranks=merge_ranks, salvage=salvage)
+    return open_run(path, merge_ranks=merge_ranks, salvage=salvage, storage_options=storage_options)
 
 
 __all__ = ["attach", "open", "CaptureSpec", "HookPoint", "DmiError", "SpecError", "UnknownHookError", "__version__"]

@@ -62,7 +62,8 @@ _pm: pluggy.PluginManager | None = None
 _lock = threading.Lock()
 problems: list[PluginProblem] = []
 _packages: dict[int, str] = {}  # id(plugin) -> "distribution version", for entry-point plugins
-_BUILTINS = {"hf": "dmi.adapters.hf.plugin", "hdf5": "dmi.sinks.hdf5_plugin"}
+_BUILTINS = {"hf": "dmi.adapters.hf.plugin", "hdf5": "dmi.sinks.hdf5_plugin", "memory": "dmi.sinks.memory_plugin",
+             "dataset": "dmi.sinks.dataset_plugin"}
 
 
 def manager() -> pluggy.PluginManager:
@@ -172,7 +173,8 @@ def sink_for(sink_spec):
     claims = _claims("dmi_sink_for", Sink, sink_spec=sink_spec)
     if not claims:
         raise SinkPathError(f"no sink plugin handles {sink_spec!r}; give a file path (HDF5) or "
-                            f"{{'kind': 'hdf5', 'path': ...}}")
+                            f"{{'kind': 'hdf5', 'path': ...}}, \"memory\" or {{'kind': 'memory', 'max_bytes': N}}, or "
+                            f"{{'kind': 'dataset', 'path': DIR or 's3://...'}}")
     return _one(claims, f"sink {sink_spec!r}")
 
 

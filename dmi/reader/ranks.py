@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dmi.reader.run import Run
+from dmi.reader.views import RunViews
 
 Shard = tuple[int, int, int, int]
 
@@ -27,7 +28,7 @@ def rank_path(path: str, rank: int) -> str:
     return path if rank == 0 else f"{path}.rank{rank}"
 
 
-class ShardedRun:
+class ShardedRun(RunViews):
     """Reads like a Run; hooks sliced across ranks come back whole. `ranks[r]` is rank r's Run."""
 
     def __init__(self, first: Run, tp_size: int, salvage: bool = False) -> None:
@@ -134,7 +135,8 @@ class ShardedRun:
         common = functools.reduce(np.intersect1d, [u for u, _ in firsts])
         return [idx[np.isin(u, common)] for u, idx in firsts]
 
-    def get(self, hook: str, request: str) -> torch.Tensor:
+    def get(self, hook: str, request: str | int) -> torch.Tensor:
+        request = self.request_id(request)
         held = self._slices(hook)
         if held is None:
             return self.ranks[0].get(hook, request)
@@ -149,7 +151,8 @@ class ShardedRun:
     def steps(self, hook: str, request: str) -> torch.Tensor:
         return self._rank0_column("steps", hook, request)
 
-    def _rank0_column(self, column: str, hook: str, request: str) -> torch.Tensor:
+    def _rank0_column(self, column: str, hook: str, request: str | int) -> torch.Tensor:
+        request = self.request_id(request)
         values = getattr(self.ranks[0], column)(hook, request)
         held = self._slices(hook)
         if held is None:
@@ -169,6 +172,7 @@ class ShardedRun:
 
     def gaps(self, hook: str | None = None, request: str | None = None) -> list[dict[str, Any]]:
         """Every rank's gaps; one a rank shares with rank 0 (a prefix-cache hit) is listed once."""
+        request = None if request is None else self.request_id(request)
         out = self.ranks[0].gaps(hook, request)   # unknown hook or request: rank 0 raises
         seen = {_gap_key(g) for g in out}
         for r in self.ranks[1:]:

@@ -19,6 +19,7 @@ import torch
 
 from dmi.errors import RunFileError
 from dmi.reader import salvage as _salvage
+from dmi.reader.views import RunViews
 from dmi.sinks.hdf5 import FORMAT, FORMAT_VERSION
 
 # A request's rows are spread over the file (requests are batched together), so reading them
@@ -128,7 +129,7 @@ class _Index:
         return self.positions[lo:hi]
 
 
-class Run:
+class Run(RunViews):
     """One captured run. Open with `open_run(path)`; use as a context manager or call close()."""
 
     def __init__(self, path: str | os.PathLike[str], salvage: bool = False) -> None:
@@ -447,7 +448,8 @@ class Run:
             raise _unknown("hook", hook, self.hooks)
         return grp
 
-    def _request_idx(self, request: str) -> int:
+    def _request_idx(self, request: str | int) -> int:
+        request = self.request_id(request)
         if self._request_pos is None:
             self._request_pos = {r: i for i, r in enumerate(self.requests)}
         i = self._request_pos.get(request)
@@ -510,13 +512,21 @@ def _open_h5(path: str) -> h5py.File:
     raise RunFileError(path, f"not a readable HDF5 file: {error}") from error
 
 
-def open_run(path: str | os.PathLike[str], merge_ranks: bool = True, salvage: bool = False):
-    """Open a dmi HDF5 run for reading (safe while another process is still writing it).
+def open_run(path: str | os.PathLike[str], merge_ranks: bool = True, salvage: bool = False,
+             storage_options: dict | None = None):
+    """Open a dmi HDF5 run for reading (safe while another process is still writing it), or a
+    dataset (a folder, URL or manifest the dataset sink wrote) as one run across its writers.
 
     A run captured under tensor parallelism is rank 0's file plus "<path>.rank<r>" per other
     rank; with merge_ranks (the default) they read as one run (dmi.reader.ranks).
     salvage=True reads what survives of a file cut short (dmi.reader.salvage); `run.meta
     ["salvaged"]` then says how much was present, and the run reads as incomplete."""
+    from dmi.reader.dataset import is_dataset
+
+    if is_dataset(path):  # a dataset folder, URL or manifest (dmi/sinks/dataset.py)
+        from dmi.reader.dataset import DatasetRun
+
+        return DatasetRun(path, storage_options)
     run = Run(path, salvage=salvage)
     if not merge_ranks:
         return run

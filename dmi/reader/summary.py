@@ -213,7 +213,7 @@ def row_norm_stats(run: Run, hook: str, max_rows: int = MAX_NORM_ROWS,
     a few evenly spread contiguous slices; norms are computed in float32."""
     n = run.num_rows(hook)
     shape = run.shape(hook)
-    row_bytes = max(1, run.file["hooks"][hook]["data"].dtype.itemsize * _prod(shape))
+    row_bytes = max(1, getattr(torch, run.dtype(hook), torch.uint8).itemsize * _prod(shape))  # any reader, not only HDF5
     budget = max(1, min(max_rows, max_bytes // row_bytes, n))
     per_slice = max(1, min(-(-budget // N_SLICES), SLICE_BYTES // row_bytes))
     n_slices = max(1, min(N_SLICES, budget // per_slice))

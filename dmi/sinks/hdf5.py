@@ -57,15 +57,30 @@ RESERVED_ATTRS = frozenset({
 })
 
 _STR = h5py.string_dtype("utf-8")
-# Index columns are tiny per row; a fixed, fairly long chunk keeps them cheap to append and
-# to read in one go, independent of how large the data rows are.
+# Chunks are sized when a hook's first rows reach the file (its first append), from how many
+# there are: a hook whose first append is small (a short run, closed before its buffer
+# filled; or a slow one) gets chunks of that many rows, so a small run's file stays near the
+# size of its rows; one that fills its buffer gets chunk_bytes chunks. Index columns are
+# tiny per row; their chunks grow the same way up to _INDEX_CHUNK rows.
 _INDEX_CHUNK = 4096
-_GAP_CHUNK = 4096
+_MIN_INDEX_CHUNK = 64
+# A floor for data chunks: a slow hook's first append (a timed flush) may be a few rows, and
+# chunks that small would make a long run's chunk index huge.
+_MIN_CHUNK_BYTES = 8 << 10
+# Requests and gaps: small chunks (HDF5 allocates whole chunks; vlen strings are 16 bytes a slot).
+_GAP_CHUNK = 256
 
 
-def check_writable(path: str | os.PathLike[str]) -> None:
-    """Raise SinkPathError when `path` cannot be created or overwritten as an HDF5 file."""
-    reason = _unwritable_reason(Path(os.fspath(path)).expanduser())
+def check_writable(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Raise SinkPathError when `path` cannot be created as an HDF5 file, or holds a file
+    already and `overwrite` is not set (a run is never replaced unasked)."""
+    p = Path(os.fspath(path)).expanduser()
+    if not overwrite and p.is_file():
+        from dmi.errors import SinkPathError
+
+        raise SinkPathError(f"the HDF5 output {os.fspath(path)!r} already exists; choose another path, remove "
+                            f"it, or set overwrite: true in the spec to replace it")
+    reason = _unwritable_reason(p)
     if reason is not None:
         from dmi.errors import SinkPathError
 
@@ -117,13 +132,15 @@ def _is_attr_scalar(v: Any) -> bool:
 
 @dataclass
 class _HookWriter:
-    """Per-hook datasets plus the rows buffered for the next append."""
+    """Per-hook datasets plus the rows buffered for the next append. The group and datasets
+    are None until the hook's first append creates them (_materialize)."""
 
-    group: h5py.Group
-    data: h5py.Dataset
-    request: h5py.Dataset
-    position: h5py.Dataset
-    step: h5py.Dataset
+    info: HookInfo
+    group: h5py.Group | None
+    data: h5py.Dataset | None
+    request: h5py.Dataset | None
+    position: h5py.Dataset | None
+    step: h5py.Dataset | None
     dtype: np.dtype
     inner_shape: tuple[int, ...]   # row shape without the ragged last dim (whole row shape if not ragged)
     ragged: bool
@@ -138,14 +155,17 @@ class HDF5Sink(Sink):
 
     check_writable = staticmethod(check_writable)
 
-    def __init__(self, path: str, chunk_bytes: int = 256 << 10, flush_every_s: float = 2.0) -> None:
+    def __init__(self, path: str, chunk_bytes: int = 256 << 10, flush_every_s: float = 2.0,
+                 overwrite: bool = False) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.path = os.fspath(Path(os.fspath(path)).expanduser())
+        self.overwrite = bool(overwrite)
         self.chunk_bytes = int(chunk_bytes)
         self.flush_every_s = float(flush_every_s)
         self._file: h5py.File | None = None
-        self._hooks: dict[str, _HookWriter] = {}
+        self._hooks: dict[str, _HookWriter] = {}    # in the file (committed by _commit)
+        self._staged: dict[str, _HookWriter] = {}   # seen, rows buffered, not in the file yet
         self._request_index: dict[str, int] = {}
         self._pending_requests: list[str] = []
         self._last_requests: tuple[list[str], np.ndarray] | None = None
@@ -160,7 +180,8 @@ class HDF5Sink(Sink):
         clash = RESERVED_ATTRS.intersection(meta.extra)
         if clash:
             raise ValueError(f"meta.extra keys {sorted(clash)} clash with reserved file attributes")
-        check_writable(self.path)
+        check_writable(self.path, overwrite=self.overwrite)
+        self._staged.clear()
         try:
             # v108 as the lower bound gives dense attribute storage (model configs can exceed the
             # 64 KiB compact-attribute limit) while keeping superblock v2: from v110 on, the
@@ -280,7 +301,7 @@ class HDF5Sink(Sink):
         _check_lengths(name, n, block.request_index, block.position, block.step)
         if not n:
             return
-        hw = self._hooks.get(name)
+        hw = self._hooks.get(name) or self._staged.get(name)
         if hw is None:
             hw = self._create_hook(block.hook, data)
         data = self._conform(hw, block.hook, data)
@@ -344,7 +365,8 @@ class HDF5Sink(Sink):
         a["json_attrs"] = _dumps(json_attrs)
 
     def _create_hook(self, info: HookInfo, data: np.ndarray) -> _HookWriter:
-        f = self._require_open()
+        """Stage a new hook: checked now, written to the file at its first append."""
+        self._require_open()
         name = info.name
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"invalid hook name {name!r}: must be non-empty and contain no '/'")
@@ -354,18 +376,32 @@ class HDF5Sink(Sink):
             raise ValueError(f"hook {name!r} is ragged but its rows are scalars")
         inner = row_shape[:-1] if info.ragged else row_shape
         width = row_shape[-1] if info.ragged else 0
+        hw = _HookWriter(info=info, group=None, data=None, request=None, position=None, step=None, dtype=stored,
+                         inner_shape=inner, ragged=bool(info.ragged), width=width)
+        self._staged[name] = hw
+        return hw
 
+    def _materialize(self, hw: _HookWriter, first_rows: int) -> None:
+        """Create the hook's group and datasets, chunked for its first append of first_rows rows."""
+        f = self._require_open()
+        info, name, stored, inner, width = hw.info, hw.info.name, hw.dtype, hw.inner_shape, hw.width
+        row_shape = (*inner, width) if hw.ragged else inner
         if info.ragged:
             # The last dim will grow towards the context length, so size chunks for a wider row
             # than the first one; otherwise late rows would each straddle many tiny chunks.
-            chunk_w = max(1, min(_next_pow2(max(width, 256)), _MAX_CHUNK_W))
+            # A first append smaller than a chunk is a short run (or a slow hook): its width is
+            # near the final one, so size for it.
+            grows = first_rows * int(np.prod(inner, dtype=np.int64)) * width * stored.itemsize >= self.chunk_bytes
+            chunk_w = max(1, min(_next_pow2(max(width, 256) if grows else width), _MAX_CHUNK_W))
             chunk_inner = inner + (chunk_w,)
             maxshape = (None, *inner, None)
         else:
             chunk_inner = row_shape
             maxshape = (None, *row_shape)
         row_bytes = max(1, int(np.prod(chunk_inner, dtype=np.int64)) * stored.itemsize)
-        chunk_rows = max(1, self.chunk_bytes // row_bytes)
+        full_rows = max(1, self.chunk_bytes // row_bytes)
+        chunk_rows = min(full_rows, max(first_rows, _MIN_CHUNK_BYTES // row_bytes, 1))
+        index_rows = min(_INDEX_CHUNK, max(_MIN_INDEX_CHUNK, first_rows))
 
         grp = f["hooks"].create_group(name)
         grp.attrs["dtype"] = info.dtype
@@ -376,13 +412,11 @@ class HDF5Sink(Sink):
             grp.attrs["shard"] = np.asarray(info.shard, dtype=np.int64)
         ds = grp.create_dataset("data", shape=(0, *row_shape), maxshape=maxshape, dtype=stored,
                                 chunks=(chunk_rows, *chunk_inner), fillvalue=np.zeros((), stored))
-        cols = {c: grp.create_dataset(c, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_INDEX_CHUNK,))
+        cols = {c: grp.create_dataset(c, shape=(0,), maxshape=(None,), dtype=dt, chunks=(index_rows,))
                 for c, dt in (("request", np.int32), ("position", np.int64), ("step", np.int64))}
-        hw = _HookWriter(group=grp, data=ds, request=cols["request"], position=cols["position"],
-                         step=cols["step"], dtype=stored, inner_shape=inner, ragged=bool(info.ragged),
-                         width=width)
-        self._hooks[name] = hw
-        return hw
+        hw.group, hw.data = grp, ds
+        hw.request, hw.position, hw.step = cols["request"], cols["position"], cols["step"]
+        self._hooks[name] = self._staged.pop(name)
 
     @staticmethod
     def _conform(hw: _HookWriter, info: HookInfo, data: np.ndarray) -> np.ndarray:
@@ -437,7 +471,7 @@ class HDF5Sink(Sink):
 
     def _flush_buffers(self) -> None:
         self._flush_requests()
-        for hw in self._hooks.values():
+        for hw in [*self._hooks.values(), *self._staged.values()]:
             self._append(hw)
 
     def _append(self, hw: _HookWriter) -> None:
@@ -455,6 +489,10 @@ class HDF5Sink(Sink):
         self._ensure_room(nbytes + 20 * len(req))
         self._flush_requests()
         n = len(req)
+        if hw.data is None:
+            if hw.ragged:
+                hw.width = max(hw.width, max(int(d.shape[-1]) for d in datas))
+            self._materialize(hw, n)
         start, stop = hw.rows, hw.rows + n
         if hw.ragged:
             w = max(d.shape[-1] for d in datas)

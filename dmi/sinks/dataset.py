@@ -1,0 +1,464 @@
+"""Dataset sink: sharded Parquet plus a manifest per writer, through fsspec (a local folder or
+object storage such as s3://bucket/run), for training pipelines and distributed readers.
+
+Layout under the root (format "dmi-dataset", format_version 1):
+
+    <hook>/rank<RRRRR>-<NNNNNN>.parquet   one hook's rows; columns request (string), position,
+                                          step (int64), data (the row flattened: fixed-size list,
+                                          or a list plus `width` for ragged hooks); the schema
+                                          metadata "dmi" holds hook, dtype, row_shape, ragged
+    _gaps/rank<RRRRR>-<NNNNNN>.parquet    dropped rows: hook, request, position, step, reason
+    _manifest.rank<RRRRR>.json            this writer's run metadata, shard list, requests, stats
+
+Why these choices (docs/decisions.md has the measurement): Parquet is what `datasets`,
+PyArrow, Ray Data and Spark read natively; one folder per hook gives every shard one schema.
+Names starting with "_" are skipped by PyArrow's and Ray's directory discovery.
+
+Each writer (rank, server, process) writes only its own shards and its own manifest, so
+writers never coordinate; `rank` comes from the sink spec, else $DMI_RANK or $RANK, else 0.
+
+Crash safety: a shard is built whole in memory and then published in one step (a local
+file is written under a temporary name and renamed; an object is PUT only when complete),
+and the manifest, rewritten the same way after every shard, lists only published shards. A
+crash loses the rows buffered since the last shard, never a shard's consistency.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+
+FORMAT = "dmi-dataset"
+FORMAT_VERSION = 1
+# Parquet is the default (docs/decisions.md); safetensors shards (one file per hook shard:
+# data, request_index, position, step, width; ids and hook metadata in the header) are what
+# `dmi export --to safetensors` writes, for tools that load tensors directly.
+SHARD_FORMATS = ("parquet", "safetensors")
+MANIFEST_PREFIX = "_manifest.rank"
+GAPS_DIR = "_gaps"
+
+
+def manifest_name(rank: int) -> str:
+    return f"{MANIFEST_PREFIX}{rank:05d}.json"
+
+
+def default_rank() -> int:
+    for var in ("DMI_RANK", "RANK"):
+        if os.environ.get(var, "").strip().isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def filesystem(path: str, storage_options: dict[str, Any] | None = None):
+    """(fsspec filesystem, root path without protocol) for a local folder or a URL."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def arrow_type(dtype: np.dtype):
+    import pyarrow as pa
+
+    return pa.from_numpy_dtype(dtype)
+
+
+@dataclass
+class _Hook:
+    info: HookInfo
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+    parts: list[tuple[np.ndarray, list[str], np.ndarray, np.ndarray]] = field(default_factory=list)
+    buffered: int = 0
+    seq: int = 0
+    # The Parquet shard being written (row group by row group), published when it is closed.
+    writer: Any = None
+    out: Any = None          # the open temporary file, or an in-memory stream for object storage
+    tmp: str | None = None
+    shard_rows: int = 0
+    shard_bytes: int = 0
+
+
+# Rows are buffered per hook up to a row group of ROW_GROUP_BYTES; a block of at least
+# DIRECT_BYTES is written as its own row group straight from the caller's array (no copy).
+ROW_GROUP_BYTES = 4 << 20
+DIRECT_BYTES = 256 << 10
+
+
+class DatasetSink(Sink):
+    def __init__(self, path: str, rank: int | None = None, shard_bytes: int = 128 << 20,
+                 overwrite: bool = False, storage_options: dict[str, Any] | None = None,
+                 compression: str | None = None, flush_every_s: float | None = None,
+                 shard_format: str = "parquet") -> None:
+        if not isinstance(path, str) or not path:
+            raise _error("sink.path", f"a dataset sink needs a folder or URL, got {path!r}")
+        if shard_bytes <= 0:
+            raise _error("sink.shard_bytes", f"must be positive, got {shard_bytes}")
+        self.path = path
+        self.rank = default_rank() if rank is None else int(rank)
+        if self.rank < 0:
+            raise _error("sink.rank", f"must be >= 0, got {rank}")
+        self.shard_bytes = int(shard_bytes)
+        if shard_format not in SHARD_FORMATS:
+            raise _error("sink.shard_format", f"must be one of {', '.join(SHARD_FORMATS)}, got {shard_format!r}")
+        self.shard_format = shard_format
+        self.overwrite = bool(overwrite)
+        self.storage_options = dict(storage_options or {})
+        self.compression = compression or "none"
+        self.flush_every_s = flush_every_s
+        self.fs, self.root = filesystem(path, self.storage_options)
+        self.local = "file" in _protocols(self.fs)
+        self._meta: dict[str, Any] | None = None
+        self._hooks: dict[str, _Hook] = {}
+        self._shards: list[dict[str, Any]] = []
+        self._requests: dict[str, None] = {}
+        self._gaps: list[tuple[str, list[str], np.ndarray, np.ndarray, str]] = []
+        self._gap_seq = 0
+        self._last_flush = time.monotonic()
+        self.bytes_published = 0
+
+    # -- attach-time check -------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Refuse, before anything is created, to overwrite this rank's earlier run."""
+        from dmi.errors import SinkPathError
+
+        manifest = self._join(manifest_name(self.rank))
+        try:
+            if self.fs.exists(manifest) and not self.overwrite:
+                raise SinkPathError(f"the dataset {self.path!r} already holds a run of rank {self.rank} "
+                                    f"({manifest!r}); choose another path or set overwrite: true in the spec")
+            if self.local and os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise SinkPathError(f"cannot write dataset {self.path!r}: it is an existing file, not a folder")
+        except SinkPathError:
+            raise
+        except Exception as e:  # unreachable endpoint, bad credentials: say so at attach
+            raise SinkPathError(f"cannot reach dataset {self.path!r}: {type(e).__name__}: {e}") from e
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self, meta: RunMeta) -> None:
+        self.check_writable()
+        if self.overwrite:
+            self._remove_own()
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+        self._meta = {"dmi_version": meta.dmi_version, "engine": meta.engine, "model": meta.model,
+                      "model_config": meta.model_config, "spec": json.loads(meta.spec_json) if meta.spec_json else {},
+                      "created": datetime.now(timezone.utc).isoformat(), **meta.extra}
+        self._write_manifest(complete=False, stats=None)
+
+    def write(self, block: RowBlock) -> None:
+        data = np.asarray(block.data)
+        n = int(data.shape[0]) if data.ndim else 0
+        if len(block.request) != n or np.size(block.position) != n or np.size(block.step) != n:
+            raise ValueError(f"hook {block.hook.name!r}: {n} rows but {len(block.request)} request ids, "
+                             f"{np.size(block.position)} positions and {np.size(block.step)} steps")
+        if n:
+            h = self._hooks.get(block.hook.name)
+            if h is None:
+                h = self._hooks[block.hook.name] = self._new_hook(block.hook, data)
+            if data.dtype != h.dtype:
+                if block.hook.dtype == "bfloat16" and data.dtype == np.int16:
+                    data = data.view(np.uint16)
+                else:
+                    raise ValueError(f"hook {block.hook.name!r}: block dtype {data.dtype} differs from the first "
+                                     f"block's {h.dtype}")
+            if not h.info.ragged and tuple(data.shape[1:]) != h.row_shape:
+                raise ValueError(f"hook {block.hook.name!r}: row shape {tuple(data.shape[1:])} differs from the "
+                                 f"first block's {h.row_shape}")
+            for r in block.request:
+                if r not in self._requests:
+                    self._requests[r] = None
+            pos = np.asarray(block.position, dtype=np.int64).reshape(n)
+            step = np.asarray(block.step, dtype=np.int64).reshape(n)
+            group = min(ROW_GROUP_BYTES, self.shard_bytes)
+            if self.shard_format == "parquet" and data.nbytes >= min(DIRECT_BYTES, group):
+                self._row_group(h)
+                self._row_group(h, (data, list(block.request), pos, step))
+            else:
+                # The drain reuses its buffers after write() returns: keep private copies.
+                h.parts.append((np.array(data, copy=True), list(block.request), pos.copy(), step.copy()))
+                h.buffered += data.nbytes
+                if self.shard_format == "parquet" and h.buffered >= group:
+                    self._row_group(h)
+                elif self.shard_format != "parquet" and h.buffered >= self.shard_bytes:
+                    self._publish(h)
+        if self.flush_every_s is not None and time.monotonic() - self._last_flush >= self.flush_every_s:
+            self.flush()
+
+    def write_gaps(self, gaps: GapBlock) -> None:
+        if gaps.request:
+            for r in gaps.request:
+                if r not in self._requests:
+                    self._requests[r] = None
+            self._gaps.append((gaps.hook, list(gaps.request), np.asarray(gaps.position, np.int64).reshape(-1).copy(),
+                               np.asarray(gaps.step, np.int64).reshape(-1).copy(), gaps.reason))
+
+    def flush(self) -> None:
+        """Publish every hook's buffered rows as a (possibly short) shard, then the manifest."""
+        for h in self._hooks.values():
+            self._publish(h)
+        self._publish_gaps()
+        self._write_manifest(complete=False, stats=None)
+        self._last_flush = time.monotonic()
+
+    def close(self, stats: dict[str, Any], complete: bool = True) -> None:
+        if self._meta is None:
+            return
+        error: BaseException | None = None
+        try:
+            for h in self._hooks.values():
+                self._publish(h)
+            self._publish_gaps()
+        except BaseException as e:
+            error = e
+        self._write_manifest(complete=bool(complete) and error is None, stats=stats or {})
+        self._meta = None
+        if error is not None:
+            raise error
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _join(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def _new_hook(self, info: HookInfo, data: np.ndarray) -> _Hook:
+        if not info.name or "/" in info.name or info.name.startswith(("_", ".")):
+            raise ValueError(f"invalid hook name {info.name!r} for a dataset: it names a folder")
+        dtype = np.dtype(np.uint16) if info.dtype == "bfloat16" else data.dtype
+        return _Hook(info=info, dtype=dtype, row_shape=tuple(int(d) for d in data.shape[1:]))
+
+    def _row_group(self, h: _Hook, direct=None) -> None:
+        """Append the buffered rows (or the `direct` block) to the hook's open Parquet shard as
+        one row group; publish the shard once it holds shard_bytes."""
+        import pyarrow.parquet as pq
+
+        if direct is not None:
+            parts = [direct]
+        elif h.parts:
+            parts, h.parts, h.buffered = h.parts, [], 0
+        else:
+            return
+        table = rows_table(h.info, h.dtype, [p[0] for p in parts], [r for p in parts for r in p[1]],
+                           np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+        if h.writer is None:
+            h.tmp = None
+            if self.local:
+                final = self._join(f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.parquet")
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                h.tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+                h.out = open(h.tmp, "wb")
+            else:
+                import pyarrow as pa
+
+                h.out = pa.BufferOutputStream()
+            h.writer = pq.ParquetWriter(h.out, table.schema, compression=self.compression,
+                                        use_dictionary=["request"], write_statistics=False)
+        h.writer.write_table(table, row_group_size=1 << 30)
+        h.shard_rows += table.num_rows
+        h.shard_bytes += int(table.nbytes)
+        if h.shard_bytes >= self.shard_bytes:
+            self._finish_shard(h)
+            self._write_manifest(complete=False, stats=None)
+
+    def _finish_shard(self, h: _Hook) -> None:
+        if h.writer is None:
+            return
+        name = f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.parquet"
+        writer, out, tmp, rows = h.writer, h.out, h.tmp, h.shard_rows
+        h.writer = h.out = h.tmp = None
+        h.shard_rows = h.shard_bytes = 0
+        h.seq += 1
+        writer.close()
+        if tmp is not None:
+            out.close()
+            final = self._join(name)
+            os.replace(tmp, final)
+            nbytes = os.path.getsize(final)
+            self.bytes_published += nbytes
+        else:
+            nbytes = self._put(name, out.getvalue().to_pybytes())   # boto wants bytes
+        self._shards.append({"path": name, "hook": h.info.name, "rows": rows, "bytes": nbytes})
+
+    def _publish(self, h: _Hook) -> None:
+        """Everything of the hook not yet published becomes (part of) a complete shard."""
+        if self.shard_format == "parquet":
+            self._row_group(h)
+            self._finish_shard(h)
+            return
+        if not h.parts:
+            return
+        parts, h.parts, h.buffered = h.parts, [], 0
+        datas, ids = [p[0] for p in parts], [r for p in parts for r in p[1]]
+        pos, step = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+        name = f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.{self.shard_format}"
+        h.seq += 1
+        nbytes = self._put(name, safetensors_bytes(h.info, h.dtype, datas, ids, pos, step))
+        self._shards.append({"path": name, "hook": h.info.name, "rows": len(ids), "bytes": nbytes})
+
+    def _publish_gaps(self) -> None:
+        if not self._gaps:
+            return
+        import pyarrow as pa
+
+        gaps, self._gaps = self._gaps, []
+        table = pa.table({
+            "hook": pa.array([g[0] for g in gaps for _ in g[1]], pa.string()),
+            "request": pa.array([r for g in gaps for r in g[1]], pa.string()),
+            "position": pa.array(np.concatenate([g[2] for g in gaps]), pa.int64()),
+            "step": pa.array(np.concatenate([g[3] for g in gaps]), pa.int64()),
+            "reason": pa.array([g[4] for g in gaps for _ in g[1]], pa.string()),
+        })
+        name = f"{GAPS_DIR}/rank{self.rank:05d}-{self._gap_seq:06d}.parquet"
+        self._gap_seq += 1
+        self._put(name, lambda out: _write_parquet(table, out, self.compression))
+        self._shards.append({"path": name, "hook": None, "rows": table.num_rows, "gaps": True})
+
+    def _put(self, name: str, payload) -> int:
+        """Publish a whole object: locally a temporary file renamed over the final name (atomic
+        on POSIX), elsewhere one PUT of the complete bytes. `payload` is bytes, or a function
+        that writes the object to a binary stream (saves a copy of the shard)."""
+        path = self._join(name)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(payload) if not callable(payload) else payload(f)
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            nbytes = os.path.getsize(path)
+        else:
+            if callable(payload):
+                import pyarrow as pa
+
+                out = pa.BufferOutputStream()
+                payload(out)
+                payload = out.getvalue().to_pybytes()   # boto wants bytes
+            self.fs.pipe_file(path, payload)
+            nbytes = len(payload)
+        self.bytes_published += nbytes
+        return nbytes
+
+    def _write_manifest(self, complete: bool, stats: dict[str, Any] | None) -> None:
+        from dmi.sinks.hdf5 import json_default
+
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank, "shard_format": self.shard_format,
+               "complete": complete, "written_at": datetime.now(timezone.utc).isoformat(),
+               "meta": self._meta or {},
+               "hooks": {name: {"dtype": h.info.dtype, "row_shape": list(h.row_shape), "ragged": bool(h.info.ragged),
+                                "source": h.info.source, "shard": list(h.info.shard) if h.info.shard else None}
+                         for name, h in self._hooks.items()},
+               "requests": list(self._requests),
+               "shards": list(self._shards)}
+        if stats is not None:
+            doc["stats"] = stats
+        self._put(manifest_name(self.rank), json.dumps(doc, default=json_default).encode())
+
+    def _remove_own(self) -> None:
+        """overwrite: true removes this rank's earlier manifest and shards (other ranks' stay)."""
+        prefix = f"rank{self.rank:05d}-"
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return
+        for p in found:
+            base = p.rsplit("/", 1)[-1]
+            if base == manifest_name(self.rank) or (base.startswith(prefix) and base.endswith(SHARD_FORMATS)):
+                self.fs.rm_file(p)
+
+
+def rows_table(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], requests: list[str],
+               position: np.ndarray, step: np.ndarray):
+    """One Arrow table of rows: request, position, step, data (+ width for ragged hooks)."""
+    import pyarrow as pa
+
+    value_type = arrow_type(dtype)
+    if info.ragged:
+        widths = np.concatenate([np.full(len(d), d.shape[-1], np.int32) for d in datas])
+        flat = [d.reshape(len(d), -1) for d in datas]
+        lengths = np.concatenate([np.full(len(d), d.shape[1], np.int64) for d in flat])
+        offsets = np.zeros(len(lengths) + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate([f.reshape(-1) for f in flat]).astype(dtype, copy=False)
+        col = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+        extra = {"width": pa.array(widths, pa.int32())}
+        row_shape = [int(d) for d in datas[0].shape[1:-1]] + [int(max(d.shape[-1] for d in datas))]
+    else:
+        # One Arrow chunk per block, each a zero-copy view of the block: no concatenation.
+        per_row = int(np.prod(datas[0].shape[1:], dtype=np.int64))
+        col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(d).reshape(-1).astype(dtype, copy=False), value_type), per_row)
+            for d in datas])
+        extra = {}
+        row_shape = [int(d) for d in datas[0].shape[1:]]
+    meta = {"hook": info.name, "dtype": info.dtype, "row_shape": row_shape, "ragged": bool(info.ragged),
+            "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
+    table = pa.table({"request": pa.array(requests, pa.string()), "position": pa.array(position, pa.int64()),
+                      "step": pa.array(step, pa.int64()), "data": col, **extra})
+    return table.replace_schema_metadata({"dmi": json.dumps(meta)})
+
+
+def safetensors_bytes(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], requests: list[str],
+                      position: np.ndarray, step: np.ndarray) -> bytes:
+    """One safetensors shard: data [n, *row] (ragged rows zero-padded, their widths in `width`),
+    request_index into the header's request list, position, step."""
+    import torch
+    from safetensors.torch import save
+
+    if info.ragged:
+        w = max(d.shape[-1] for d in datas)
+        width = np.concatenate([np.full(len(d), d.shape[-1], np.int32) for d in datas])
+        data = np.zeros((sum(len(d) for d in datas), *datas[0].shape[1:-1], w), dtype)
+        i = 0
+        for d in datas:
+            data[i:i + len(d), ..., : d.shape[-1]] = d
+            i += len(d)
+    else:
+        data = datas[0] if len(datas) == 1 else np.concatenate(datas)
+        width = None
+    t = torch.from_numpy(np.ascontiguousarray(data))
+    if info.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    ids = list(dict.fromkeys(requests))
+    index = {r: i for i, r in enumerate(ids)}
+    tensors = {"data": t, "request_index": torch.tensor([index[r] for r in requests], dtype=torch.int32),
+               "position": torch.from_numpy(np.ascontiguousarray(position, np.int64)),
+               "step": torch.from_numpy(np.ascontiguousarray(step, np.int64))}
+    if width is not None:
+        tensors["width"] = torch.from_numpy(width)
+    meta = {"hook": info.name, "dtype": info.dtype, "row_shape": [int(d) for d in data.shape[1:]],
+            "ragged": bool(info.ragged), "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
+    return save(tensors, metadata={"dmi": json.dumps(meta), "requests": json.dumps(ids)})
+
+
+def _write_parquet(table, out, compression: str) -> None:
+    import pyarrow.parquet as pq
+
+    # Activations barely compress (float mantissas): "none" keeps the writer near memory speed,
+    # and a dictionary is tried only where it pays (request ids), never on the floats.
+    pq.write_table(table, out, compression=compression, use_dictionary=["request"], write_statistics=False,
+                   row_group_size=1 << 20)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _error(field_name: str, message: str):
+    from dmi.errors import SpecError
+
+    return SpecError(field_name, message)
