@@ -141,7 +141,8 @@ def test_a_capture_that_raises_is_reported_once_and_never_reaches_the_engine():
     from dmi.adapters.sglang.worker import SGLangWorkerAdapter, _capture
 
     warned = []
-    session = types.SimpleNamespace(frame=object(), _warn_once=lambda key, msg: warned.append((key, msg)))
+    session = types.SimpleNamespace(frame=object(), capture=lambda *a, **k: None,
+                                    _warn_once=lambda key, msg: warned.append((key, msg)))
     adapter = SGLangWorkerAdapter.__new__(SGLangWorkerAdapter)
     adapter.session = session
     adapter.map = types.SimpleNamespace(dims=types.SimpleNamespace(n_heads=2, n_kv_heads=1, head_dim=2))
