@@ -62,7 +62,8 @@ class Session:
         name, config = adapter.describe()
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
-        self.overload = Overload(spec, self.ring, self.acct)
+        self.frames = FrameRing()
+        self.overload = Overload(spec, self.ring, self.acct, wake=self.frames.wake)
         self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
                                self.overload, self.ring.buffer.device, self.fallback_hooks)
         self.hook_infos: dict[int, HookInfo] = {}
@@ -73,7 +74,6 @@ class Session:
                           spec_json=spec.to_json(),
                           extra={"hooks": self.names, "sources": [b.source for b in self.bindings],
                                  **adapter.run_attrs()}))
-        self.frames = FrameRing()
         self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos, self.names,
                            host_bytes=spec.ring.bytes)
         self.frames.alive = self.drain.alive
@@ -228,7 +228,7 @@ class Session:
             off = None  # can never fit while this step's own frame is held
         else:
             off = self.ring.alloc(nbytes, wait=self.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
-                                  alive=self.drain.alive)
+                                  alive=self.drain.alive, before_wait=self.frames.wake)
         if off is None:
             h.reason = "oversize" if PayloadRing.aligned(nbytes) + held > self.ring.capacity else "ring_full"
             self._gap(frame, name, table, h.src, h.reason)
@@ -289,6 +289,8 @@ class Session:
         self.acct.steps = self.step
 
     def _push(self, frame: Frame) -> None:
+        if frame.offset is None and not frame.extra and not frame.gaps:
+            return  # nothing planned, nothing missing: nothing for the drain (dmi-null costs no wake-up)
         if self._on_gpu and frame.stream is not None:
             ev = torch.cuda.Event()
             ev.record(frame.stream)  # the drain waits on this, never on the stream
@@ -367,7 +369,7 @@ class Session:
     def _wait_marker(self, kind: str, timeout: float | None) -> bool:
         """Send a marker through drain and sink; wait for it while they live."""
         done = threading.Event()
-        if not self.frames.put(Marker(kind, done)):
+        if not self.frames.put(Marker(kind, done), urgent=True):
             return False
         limit = CLOSE_TIMEOUT_S if timeout is None else timeout
         waited = 0.0

@@ -23,7 +23,8 @@ BLOCK_TIMEOUT_S = 60.0
 
 
 class Overload:
-    def __init__(self, spec, ring, acct):
+    def __init__(self, spec, ring, acct, wake=lambda: None):
+        self.wake = wake  # asks the drain to run now (the producer needs space)
         self.mode = spec.overload
         self.degrade = spec.degrade
         self.ring = ring
@@ -78,7 +79,9 @@ class Overload:
         if not alive():
             return None, [("drain_stopped" if s else None) for s in sizes]
         wait = self.mode != "drop"
-        off = self.ring.alloc(total, wait=wait, timeout=BLOCK_TIMEOUT_S, alive=alive)
+        off = self.ring.alloc(total, wait=wait, timeout=BLOCK_TIMEOUT_S, alive=alive, before_wait=self.wake)
+        if off is not None and self.ring.fill() >= 0.5:
+            self.wake()  # half full: drain now rather than on the next tick
         if off is None:
             why = "drain_stopped" if not alive() else "ring_full"
             return None, [(r or why) if s else None for r, s in zip(reasons, sizes)]

@@ -77,6 +77,7 @@ def test_a_dead_drain_never_hangs_the_engine_or_close(load, tmp_path, monkeypatc
             assert torch.equal(model.generate(input_ids=ids, **kw), expected)
         stats = s.stats()
     assert time.monotonic() - started < 60
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dmi-")]  # no thread outlives it
     assert sum("drain thread died" in e for e in stats["errors"]) == 1
     assert stats["drop_reasons"].get("drain_stopped", 0) > 0
     final = dmi.open(tmp_path / "d.h5")

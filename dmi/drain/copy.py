@@ -1,10 +1,11 @@
-"""Copy-out of sealed frames from the payload ring to host memory, one copy per frame or fewer.
+"""Making sealed frames readable on the host, before their rows are gathered per hook.
 
-Frames lie back to back in the ring, so the byte ranges of the frames taken in one wake-up are
-coalesced and each range is copied once. On the CPU the ring is host memory: numpy copies the
-range. On a GPU the drain thread never synchronizes the engine's stream: it makes its own stream
-wait on the event recorded when each frame was sealed, copies the ranges into a pinned mirror of
-the ring, waits for that copy's own event, and takes the bytes from the mirror.
+On the CPU the ring is host memory: the frames are read in place (no copy here), and the
+drain's per-hook gather is the one host copy of each row. On a GPU the drain thread never
+synchronizes the engine's stream: it makes its own stream wait on the event recorded when each
+frame was sealed, copies the frames' coalesced byte ranges into a pinned mirror of the ring
+(one device-to-host copy per range), waits for that copy's own event, and the gather reads the
+mirror.
 """
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ class HostBytes:
 class HostCopy:
     def __init__(self, ring: PayloadRing):
         self.ring = ring
+        self._np = None
 
     def copy(self, frames) -> tuple[HostBytes, int]:
         # numpy, not torch, on this thread: a torch op here would start a second OpenMP team
-        # that fights the engine's own for the cores.
-        buf = self.ring.buffer.numpy()
-        parts = [(a, b, buf[a:b].copy()) for a, b in coalesce(s for f in frames for s in f.ranges())]
-        return HostBytes(parts), sum(b - a for a, b, _ in parts)
+        # that fights the engine's own for the cores. Views: the ring space is released only
+        # after the drain gathered the rows out of it.
+        if self._np is None:
+            self._np = self.ring.buffer.numpy()
+        parts = [(a, b, self._np[a:b]) for a, b in coalesce(s for f in frames for s in f.ranges())]
+        return HostBytes(parts), 0
 
 
 class DeviceCopy:
@@ -76,8 +80,8 @@ class DeviceCopy:
             done = torch.cuda.Event()
             done.record(self.stream)
         done.synchronize()  # this thread waits; the engine's stream never does
-        parts = [(a, b, self.pinned_np[a:b].copy()) for a, b in ranges]
-        return HostBytes(parts), sum(b - a for a, b in ranges)
+        # The gather copies out of the mirror before the ring (and so the mirror) is reused.
+        return HostBytes([(a, b, self.pinned_np[a:b]) for a, b in ranges]), sum(b - a for a, b in ranges)
 
 
 def copier_for(ring: PayloadRing):

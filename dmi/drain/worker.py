@@ -102,15 +102,27 @@ class Drain:
             self._release_waiters()
 
     def _release_waiters(self) -> None:
-        """Whatever waits on a dead thread is let go: markers are answered, frames counted."""
+        """Whatever waits on a dead thread is let go: frames are counted as dropped; markers go
+        on to the sink thread while it lives (it writes what it has, answers them, and ends at
+        "stop"), and are answered here when it does not."""
         taken, self._taken = self._taken, []
+        markers = []
         for item in taken + self.frames.take_all(0):
-            self._discard(item)
+            if isinstance(item, Marker):
+                markers.append(item)
+            else:
+                self._discard(item)
+        if self._sinker.is_alive() and threading.current_thread() is not self._sinker:
+            for m in markers:
+                self.host.put(m)
+            return
         while True:
             item = self.host.get(timeout=0)
             if item is EMPTY:
                 break
             self._discard(item)
+        for m in markers:
+            self._discard(m)
 
     def _discard(self, item) -> None:
         if isinstance(item, Marker):
@@ -129,8 +141,13 @@ class Drain:
             self.acct.dropped(self.names[h.hook], len(h.src), reason, in_flight=True)
 
     def abandon(self) -> None:
-        """Close gave up on a drain that stopped answering: count what it still held."""
+        """Close gave up on a drain that stopped answering: count what it still held, and let
+        the sink thread (if it still lives) write what it has and end, so no thread outlives the
+        session."""
         self._release_waiters()
+        if self._sinker.is_alive():
+            self.host.put(Marker("stop"))
+        self._sinker.join(5.0)
 
     # -- drain thread -----------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -162,27 +179,31 @@ class Drain:
             self.host.put(items, sum(b.data.nbytes for b in items if isinstance(b, RowBlock)))
 
     def _drain_frames(self, frames: list[Frame], batch: list) -> None:
-        """One copy per frame or fewer (adjacent frames coalesced), then release the ring."""
+        """Read the frames taken (coalesced on a GPU), gather each hook's rows of all of them
+        into one block (the host copy), then release the ring."""
         if not frames:
             return
+        pending: dict[int, list] = {}
         try:
             host, copied = self.copier.copy(frames)
+            self.copied_bytes += copied
+            self._whole = frames[-1].final
+            for f in frames:
+                try:
+                    self._unpack(f, host, batch, pending)
+                except Exception as e:  # a bug here must not take the engine down; count and go on
+                    self.acct.error(f"drain: {type(e).__name__}: {e}")
+                    log.error("dmi drain failed on step %d: %s", f.step, traceback.format_exc())
+                    self.lost(f, "drain_error")
+            for hook, parts in pending.items():
+                batch.append(self._gather(hook, parts))
         finally:
             for f in frames:
                 for off, _ in f.ranges():
                     self.ring.release(off)
-        self.copied_bytes += copied
-        self._whole = frames[-1].final
-        for f in frames:
-            try:
-                self._unpack(f, host, batch)
-            except Exception as e:  # a bug here must not take the engine down; count and go on
-                self.acct.error(f"drain: {type(e).__name__}: {e}")
-                log.error("dmi drain failed on step %d: %s", f.step, traceback.format_exc())
-                self.lost(f, "drain_error")
         frames.clear()
 
-    def _unpack(self, f: Frame, host, batch: list) -> None:
+    def _unpack(self, f: Frame, host, batch: list, pending: dict) -> None:
         batch.extend(f.gaps)
         if f.offset is None:
             return
@@ -201,14 +222,31 @@ class Drain:
                 rows, src = self._late_filter(table, f.step, name, rows, src)
                 if not len(src):
                     continue
-            info = self.hook_infos[h.hook]
-            if info.ragged:
+            if self.hook_infos[h.hook].ragged:
                 rows = compact_pattern(rows, table, src)
                 self.copied_bytes += rows.nbytes
-            self.row_bytes += rows.nbytes
-            batch.append(RowBlock(hook=info, data=rows, request_index=table.request[src],
-                                  request_ids=table.request_ids, position=table.position[src],
-                                  step=np.full(len(src), f.step, dtype=np.int64)))
+            pending.setdefault(h.hook, []).append((rows, table, src, f.step))
+
+    def _gather(self, hook: int, parts: list) -> RowBlock:
+        """One block of a hook's rows from several frames: the one host copy of each row (out of
+        the ring, or the pinned mirror on a GPU), after which the ring space can be reused."""
+        info = self.hook_infos[hook]
+        datas = [p[0] for p in parts]
+        if info.ragged:
+            width = max(d.shape[-1] for d in datas)
+            datas = [d if d.shape[-1] == width else np.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, width - d.shape[-1])])
+                     for d in datas]
+        data = np.concatenate(datas) if len(datas) > 1 else datas[0].copy()
+        self.copied_bytes += data.nbytes
+        self.row_bytes += data.nbytes
+        ids: list[str] = []
+        index = []
+        for _, table, src, _ in parts:  # one id table for the block: the frames' tables one after another
+            index.append(table.request[src].astype(np.int32) + len(ids))
+            ids.extend(table.request_ids)
+        return RowBlock(hook=info, data=data, request_index=np.concatenate(index), request_ids=ids,
+                        position=np.concatenate([t.position[s] for _, t, s, _ in parts]),
+                        step=np.concatenate([np.full(len(s), st, dtype=np.int64) for _, _, s, st in parts]))
 
     def _not_captured(self, f: Frame, h, table, name: str, batch: list) -> None:
         """Planned rows the capture point did not write: its module never ran this step, or ran
