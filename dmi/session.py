@@ -223,14 +223,15 @@ class Session:
             return
         row_bytes = math.prod(rows_x.shape[1:]) * rows_x.element_size()
         nbytes = n * row_bytes
-        held = sum(PayloadRing.aligned(b) for _, b in frame.ranges())
-        if PayloadRing.aligned(nbytes) + held > self.ring.capacity:
-            off = None  # can never fit while this step's own frame is held
+        if not self.ring.could_fit(nbytes, frame.ranges()):
+            off = None  # can never fit while this step holds its own space: drop now, never wait
+            reason = "oversize"
         else:
             off = self.ring.alloc(nbytes, wait=self.spec.overload != "drop", timeout=BLOCK_TIMEOUT_S,
                                   alive=self.drain.alive, before_wait=self.frames.wake)
+            reason = "ring_full"
         if off is None:
-            h.reason = "oversize" if PayloadRing.aligned(nbytes) + held > self.ring.capacity else "ring_full"
+            h.reason = reason
             self._gap(frame, name, table, h.src, h.reason)
             return
         self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
@@ -375,7 +376,7 @@ class Session:
         waited = 0.0
         while not done.wait(0.05):
             waited += 0.05
-            if not self.drain.alive() or waited >= limit:
+            if not self.drain.answering() or waited >= limit:
                 return False
         return True
 

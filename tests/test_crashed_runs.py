@@ -124,7 +124,7 @@ def test_a_truncated_file_is_named_and_salvaged(tmp_path):
     with dmi.open(cut, salvage=True) as run:
         assert not run.complete and run.meta["salvaged"]["size"] == int(size * 0.97)
         got = {h: run.num_rows(h) for h in (A.name, B.name)}
-        assert 0 < min(got.values()) and max(got.values()) < 480  # some rows lost, most kept
+        assert 0 < min(got.values()) and sum(got.values()) < 2 * 480  # some rows lost, most kept
         checked = 0
         for hook in (A.name, B.name):
             for r in run.requests:

@@ -87,6 +87,11 @@ class Drain:
     def alive(self) -> bool:
         return self.error is None and self._drain.is_alive() and self._sinker.is_alive()
 
+    def answering(self) -> bool:
+        """Whether a marker already sent will still be answered: no thread died of an error and
+        the sink thread lives (the drain thread itself ends normally once it passed "stop" on)."""
+        return self.error is None and self._sinker.is_alive()
+
     def copies_per_row(self) -> float:
         """Host copies of each captured byte after the ring: the drain's, plus the sink's own."""
         sink_copies = getattr(self.sink, "copied_bytes", 0)

@@ -19,7 +19,7 @@ import torch
 
 from dmi.errors import RunFileError
 from dmi.reader import salvage as _salvage
-from dmi.reader.views import RunViews
+from dmi.reader.views import RunViews, UnknownName
 from dmi.sinks.hdf5 import FORMAT, FORMAT_VERSION
 
 # A request's rows are spread over the file (requests are batched together), so reading them
@@ -39,7 +39,7 @@ T = TypeVar("T")
 _DAMAGE = (OSError, RuntimeError, KeyError, UnicodeDecodeError, json.JSONDecodeError)
 
 
-class _UnknownName(KeyError):
+class _UnknownName(UnknownName):
     """A hook or request the run does not have: the caller's mistake, not damage."""
 
 
@@ -64,7 +64,7 @@ def _live(fn: Callable[..., T]) -> Callable[..., T]:
                     attempt += 1
                     time.sleep(0.02 * attempt)
                     self._reopen()
-                except _UnknownName:
+                except UnknownName:
                     raise
                 except _DAMAGE as e:
                     raise _damaged(self.path, fn.__name__, e) from e

@@ -6,9 +6,15 @@ everything here is built on those, so the views equal the per-request reads by c
 """
 from __future__ import annotations
 
+
 from typing import Any
 
 import torch
+
+
+class UnknownName(KeyError):
+    """A hook or request the run does not have, or an index it cannot take: the caller's
+    mistake, never reported as file damage."""
 
 
 class RunViews:
@@ -33,9 +39,9 @@ class RunViews:
             return matches[0]
         if not matches:
             shown = ", ".join(repr(r) for r in self.requests[:5]) + (", ..." if len(self.requests) > 5 else "")
-            raise KeyError(f"no request has the id {request}; this run's ids are strings ({shown}); "
+            raise UnknownName(f"no request has the id {request}; this run's ids are strings ({shown}); "
                            f"pass one of them, or run.requests[{request}] for the request at that index")
-        raise KeyError(f"request {request} is ambiguous: ids {matches} all read as the number {request}; "
+        raise UnknownName(f"request {request} is ambiguous: ids {matches} all read as the number {request}; "
                        f"pass the string id")
 
     # -- TransformerLens-style access ---------------------------------------------------------
@@ -46,11 +52,11 @@ class RunViews:
         request] or run.stack(hook)."""
         if isinstance(key, tuple):
             if len(key) != 2:
-                raise KeyError(f"index with run[hook] or run[hook, request], not a {len(key)}-tuple")
+                raise UnknownName(f"index with run[hook] or run[hook, request], not a {len(key)}-tuple")
             return self.get(key[0], key[1])
         requests = self.requests
         if len(requests) != 1:
-            raise KeyError(f"run[{key!r}] needs a run with exactly one request, this one has {len(requests)}; "
+            raise UnknownName(f"run[{key!r}] needs a run with exactly one request, this one has {len(requests)}; "
                            f"use run[{key!r}, request] for one of them or run.stack({key!r}) for all")
         return self.get(key, requests[0])
 

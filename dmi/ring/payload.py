@@ -94,6 +94,19 @@ class PayloadRing:
                     return None
                 self._lock.wait(0.05 if remaining is None else min(0.05, remaining))
 
+    def could_fit(self, nbytes: int, keep: list[tuple[int, int]]) -> bool:
+        """Whether nbytes could be placed once every slot but `keep` ((start, nbytes), oldest
+        first: the ones a step still holds) has been released: never wait for space that
+        cannot come, a slot never wraps and the held ones stay where they are."""
+        n = self.aligned(nbytes)
+        if not keep:
+            return n <= self.capacity
+        tail = keep[0][0]
+        head = keep[-1][0] + self.aligned(keep[-1][1])
+        if head > tail:
+            return head + n <= self.capacity or n <= tail
+        return head + n <= tail
+
     def release(self, start: int) -> None:
         """Free the oldest live slot, which must start at `start` (FIFO)."""
         with self._lock:

@@ -25,8 +25,8 @@ def dmi_sink_for(sink_spec):
     kwargs = {k: v for k, v in sink_spec.items() if k in ("chunk_bytes", "flush_every_s", "overwrite")} \
         if isinstance(sink_spec, dict) else {}
     sink = HDF5Sink(path, **kwargs)
+    _check_not_open_here(sink.path)  # first: an open reader is the likelier reason the path exists
     HDF5Sink.check_writable(path, overwrite=sink.overwrite)
-    _check_not_open_here(sink.path)
     return sink
 
 
