@@ -139,5 +139,5 @@ def test_a_sink_path_still_open_for_reading_is_named(load, tmp_path):
     assert str(out) in str(e.value) and "still has it open" in str(e.value)
     assert reader.requests == ["0"]  # the reader was left alone
     reader.close()
-    with dmi.attach(model, {"hooks": ["hook_logits"], "sink": str(out)}):
-        pass
+    with dmi.attach(model, {"hooks": ["hook_logits"], "sink": str(out), "overwrite": True}):
+        pass  # once the reader is gone, replacing the run is allowed when asked
