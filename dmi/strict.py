@@ -80,10 +80,6 @@ class Probe:
         self._seen.add(key)
         rel = path.split(os.sep + "main" + os.sep)[-1] if os.sep + "main" + os.sep in path else path
         self.violations.append(f"{rel}:{code.co_firstlineno} {code.co_name}() ran {why}")
-        if os.environ.get("DMI_STRICT_DEBUG"):
-            import traceback
-
-            traceback.print_stack(limit=14)
 
     def install(self) -> "Probe":
         sys.setprofile(self)
