@@ -120,10 +120,6 @@ class Session:
         return {self.names.index(n) for n in names}
 
     # -- the plan's tensors, for capture points --------------------------------------------
-    @property
-    def ctrl(self) -> torch.Tensor:
-        return self.planner.control.ctrl
-
     def capture_args(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """What binding i's capture point passes to dmi::capture besides its tensor:
         (ring, rows, ctrl, slot). Fixed while the session lives: a compiled graph takes them
@@ -235,8 +231,7 @@ class Session:
             self._gap(frame, name, table, h.src, h.reason)
             return
         self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
-        self.planner.place_dynamic(frame, h, off, nbytes, rows_x.shape[0], row_bytes, rows_x.shape[1:],
-                                   rows_x.dtype)
+        self.planner.place_dynamic(frame, h, off, nbytes, row_bytes, rows_x.shape[1:], rows_x.dtype)
         self.acct.captured(name, 0, 0, n, nbytes)
         c = self.planner.control
         capture_op(self.ring.buffer, rows_x, c.rows, c.ctrl, i)

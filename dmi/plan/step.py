@@ -144,12 +144,13 @@ class Planner:
                 ctrl.rows_np[self.group_index[g], : len(src)] = src
         ctrl.send()
 
-    def _point(self, frame: Frame, h: HookRows, offset: int, header: int) -> None:
-        """Hook h's rows go to `offset`, its status word into the header at `header`."""
+    def _point(self, frame: Frame, h: HookRows, offset: int, header: int, row_bytes: int | None = None) -> None:
+        """Hook h's rows go to `offset`, its status word into the header at `header`; the op
+        writes only a tensor of the group's row count and `row_bytes` (default: the binding's)."""
         h.offset = offset
-        b = self.bindings[h.hook]
+        rb = self.bindings[h.hook].row_bytes if row_bytes is None else row_bytes
         self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group],
-                                        frame.tables[h.group].n_rows, b.row_bytes, header + 8 * h.hook)
+                                        frame.tables[h.group].n_rows, rb, header + 8 * h.hook)
         frame.placed.append(h)
 
     def next_part(self, frame: Frame, first: int, alive) -> tuple[Frame, list[HookRows]]:
@@ -191,13 +192,12 @@ class Planner:
         self.control.ctrl_np[:] = 0
         self.control.send()
 
-    def place_dynamic(self, frame: Frame, h: HookRows, offset: int, nbytes: int, xrows: int, row_bytes: int,
+    def place_dynamic(self, frame: Frame, h: HookRows, offset: int, nbytes: int, row_bytes: int,
                       row_shape, dtype) -> None:
-        """An eager-only hook's rows were given ring space during the step: point its ctrl row there."""
-        h.offset, h.nbytes, h.row_shape, h.dtype = offset, nbytes, tuple(row_shape), dtype
+        """An eager-only hook's rows were given ring space during the step (its tensor has the
+        group's row count, checked by the caller): point its ctrl row there."""
+        h.nbytes, h.row_shape, h.dtype = nbytes, tuple(row_shape), dtype
         frame.extra.append((offset, nbytes))
-        frame.placed.append(h)
-        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group], xrows, row_bytes,
-                                        frame.offset + 8 * h.hook)
+        self._point(frame, h, offset, frame.offset, row_bytes)
         self.control.send_row(h.hook)
 
