@@ -18,7 +18,7 @@ import torch
 from dmi import __version__
 from dmi.drain import Drain
 from dmi.errors import RingTooSmallError, SessionStateError, SpecError
-from dmi.kernels.capture_op import CTRL_WIDTH, capture as capture_op
+from dmi.kernels.capture_op import CTRL_WIDTH, eager as eager_kernel
 from dmi.plan import TOKENS, Frame, Planner, RowTable
 from dmi.policies import BLOCK_TIMEOUT_S, Accounting, Overload, RowFilter
 from dmi.ring import FrameRing, Marker, PayloadRing
@@ -66,6 +66,7 @@ class Session:
         self.overload = Overload(spec, self.ring, self.acct, wake=self.frames.wake)
         self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
                                self.overload, self.ring.buffer.device, self.fallback_hooks)
+        self._kernel = eager_kernel(self.ring.buffer, self.planner.control)
         self.hook_infos: dict[int, HookInfo] = {}
         for i, b in enumerate(self.bindings):
             if b.row_shape is not None and b.dtype is not None:
@@ -181,8 +182,7 @@ class Session:
             return self._capture_dynamic(frame, i, rows_x)
         if h.reason == "deferred":
             self._next_part(frame, i)
-        c = self.planner.control
-        capture_op(self.ring.buffer, rows_x, c.rows, c.ctrl, i)
+        self._kernel(rows_x, i)
         h.fired = True
 
     def _next_part(self, frame: Frame, i: int) -> None:
@@ -233,8 +233,7 @@ class Session:
         self._info_from(i, rows_x.dtype, tuple(rows_x.shape[1:]))
         self.planner.place_dynamic(frame, h, off, nbytes, row_bytes, rows_x.shape[1:], rows_x.dtype)
         self.acct.captured(name, 0, 0, n, nbytes)
-        c = self.planner.control
-        capture_op(self.ring.buffer, rows_x, c.rows, c.ctrl, i)
+        self._kernel(rows_x, i)
 
     def acquire_step(self) -> None:
         """Steps of one session never overlap: a second thread's forward waits here until the

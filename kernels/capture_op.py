@@ -57,6 +57,18 @@ def _capture_fake(ring, x, rows, ctrl, slot) -> None:
 capture = torch.ops.dmi.capture.default
 
 
+def eager(ring: torch.Tensor, control):
+    """The capture op's kernel for eager forwards, as a callable (x, slot): the same kernel as
+    the op's, without the dispatcher (an eager forward has no graph to keep the op in)."""
+    if ring.device.type == "cuda":
+        from dmi.kernels.triton_capture import capture_rows as triton_rows
+
+        return lambda x, slot: triton_rows(ring, x, control.rows, control.ctrl, slot)
+    from dmi.kernels.cpu import EagerCPU
+
+    return EagerCPU(ring, control)
+
+
 def capture_reference(ring: torch.Tensor, x: torch.Tensor, src_rows: torch.Tensor, offset: int) -> None:
     """Plain-Python statement of what the op does with one hook's rows, for tests of other
     implementations."""

@@ -455,3 +455,32 @@ def test_summary(written: tuple[Path, Expected], tmp_path: Path) -> None:
     assert any(ln.split() == ["hook_embed", "3.464"] for ln in lines)
     # A row with inf is counted apart instead of turning the mean into inf.
     assert any(ln.split() == ["hook_logits", "2.000", "(1", "nan/inf)"] for ln in lines)
+
+
+def test_blocks_gathered_into_staging_are_written_exactly(tmp_path):
+    """The drain gathers blocks into the sink's staging buffers (adjacent slices, written as one
+    array); interleaved hooks, a bf16 hook (uint16 views of the buffer), a timed flush between
+    slices of one buffer, and a block larger than a buffer all read back exactly."""
+    path = tmp_path / "staged.h5"
+    sink = HDF5Sink(str(path), chunk_bytes=256)
+    sink.open(make_meta())
+    rng = np.random.default_rng(3)
+    expected: dict[str, list] = defaultdict(list)
+    for step in range(12):
+        for info, dtype in ((F32, np.float32), (BF16, np.uint16)):
+            n = 40 if step == 7 else 1 + step % 3   # step 7: more rows than one staging buffer
+            rows = (rng.standard_normal((n, *info.row_shape)).astype(np.float32) if dtype == np.float32
+                    else rng.integers(0, 2**16, (n, *info.row_shape), dtype=np.uint16))
+            out = sink.staging(info, n, rows.shape[1:], rows.dtype)
+            np.copyto(out, rows)
+            sink.write(RowBlock(info, out, request=["r"] * n, position=np.arange(n) + 100 * step,
+                                step=np.full(n, step)))
+            expected[info.name].append(rows)
+        if step == 4:
+            sink.flush()
+    sink.close({}, complete=True)
+    run = open_run(str(path))
+    assert np.array_equal(run.get(F32.name, "r"), np.concatenate(expected[F32.name]))
+    got = run.get(BF16.name, "r")
+    want = torch.from_numpy(np.concatenate(expected[BF16.name]).view(np.int16)).view(torch.bfloat16)
+    assert torch.equal(torch.as_tensor(got).view(torch.int16), want.view(torch.int16))

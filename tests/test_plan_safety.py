@@ -27,11 +27,13 @@ spec = dmi.CaptureSpec(hooks=["blocks.*.hook_resid_post", "hook_logits"], ring={
                        sink={"kind": "hdf5", "path": sys.argv[2], "flush_every_s": 0.005})
 session = dmi.attach(model, spec)
 n = 0
-print("go", flush=True)
 while True:
     ids = torch.tensor([[n % 200 + 1, 7, 8, 9, 10], [3, 4, n % 100 + 5, 6, 2]])
     model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=257, eos_token_id=319)
     n += 2
+    if n == 2:  # one commit is on disk before the parent starts its kill timer (a loaded CI box)
+        session.flush()
+        print("go", flush=True)
 """
 
 

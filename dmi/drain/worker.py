@@ -241,7 +241,14 @@ class Drain:
             width = max(d.shape[-1] for d in datas)
             datas = [d if d.shape[-1] == width else np.pad(d, [(0, 0)] * (d.ndim - 1) + [(0, width - d.shape[-1])])
                      for d in datas]
-        data = np.concatenate(datas) if len(datas) > 1 else datas[0].copy()
+        n = sum(len(d) for d in datas)
+        stage = getattr(self.sink, "staging", None)
+        data = (stage(info, n, datas[0].shape[1:], datas[0].dtype) if stage is not None
+                else np.empty((n, *datas[0].shape[1:]), datas[0].dtype))
+        if len(datas) > 1:
+            np.concatenate(datas, out=data)
+        else:
+            np.copyto(data, datas[0])
         self.copied_bytes += data.nbytes
         self.row_bytes += data.nbytes
         ids: list[str] = []

@@ -79,6 +79,7 @@ class Planner:
         self.control = ControlTable(len(bindings), len(self.groups), device)
         self.header = PayloadRing.aligned(8 * len(bindings))
         self.fixed = [b.row_shape is not None and b.dtype is not None for b in bindings]
+        self.row_shapes = [tuple(b.row_shape) if b.row_shape is not None else None for b in bindings]
 
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
@@ -86,20 +87,24 @@ class Planner:
         kept: dict[str, tuple] = {}
         for g, table in tables.items():
             keep, fb = self.filter.keep(step, table)
-            real = table.request >= 0
-            kept[g] = (keep, fb, int(real.sum()), int(real.sum() - keep.sum()))
+            produced = int((table.request >= 0).sum())
+            kept[g] = (keep, fb, produced, produced - int(keep.sum()))
+        # Hooks of one group share their row arrays (read-only): per step the work is per group,
+        # and per hook only a record (a decode step plans every hook; this is its whole cost).
+        shared: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
         frame = Frame(step, tables, header=self.header)
         sizes = []
         for i, b in enumerate(self.bindings):
             keep, fb, produced, filtered = kept[b.group]
-            if degraded:
-                rows = fb if i in self.fallback else np.zeros_like(keep)
-            else:
-                rows = keep
-            src = np.flatnonzero(rows)
-            h = HookRows(i, b.group, src, produced, filtered, np.flatnonzero(keep & ~rows))
+            fallback = degraded and i in self.fallback
+            rows = shared.get((b.group, fallback))
+            if rows is None:
+                chosen = (fb if fallback else np.zeros_like(keep)) if degraded else keep
+                rows = shared[(b.group, fallback)] = (np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen))
+            src, lost = rows
+            h = HookRows(i, b.group, src, produced, filtered, lost)
             if self.fixed[i]:
-                h.row_shape, h.dtype = tuple(b.row_shape), b.dtype
+                h.row_shape, h.dtype = self.row_shapes[i], b.dtype
                 h.nbytes = len(src) * b.row_bytes
             else:
                 h.dynamic = True

@@ -20,7 +20,7 @@ class FrameRing:
     """A bounded FIFO of sealed frames, gap records and markers.
 
     Putting a frame wakes no one but an idle drain: the drain takes everything pending one
-    `period` after the first item arrived, so it runs at most a few dozen times a second
+    `period` after the first item arrived, so it runs at most ten times a second
     whatever the step rate, each time moving many steps at once, and not at all while idle. On a CPU host every wake-up of another Python thread costs
     the engine's thread a GIL hand-off; fewer, larger hand-overs also mean fewer, larger sink
     writes. A marker, a ring under pressure (`wake`) or a half-full frame ring wakes it at once.
@@ -28,7 +28,7 @@ class FrameRing:
     caller counts it as dropped.
     """
 
-    def __init__(self, capacity: int = 4096, alive=lambda: True, period: float = 0.02):
+    def __init__(self, capacity: int = 4096, alive=lambda: True, period: float = 0.1):
         self.capacity = capacity
         self.alive = alive
         self.period = period

@@ -105,5 +105,12 @@ class Sink:
     def flush(self) -> None:
         """Make everything written so far durable and readable by another process."""
 
+    def staging(self, info: HookInfo, n: int, row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Where the drain gathers the next block of a hook's rows (their one host copy). The
+        only method called from the drain thread, never concurrently with itself. By default a
+        new array; a sink that writes in larger units hands out consecutive slices of its own
+        buffers, so that adjacent blocks are one contiguous array it writes in one call."""
+        return np.empty((n, *row_shape), dtype)
+
     def close(self, stats: dict[str, Any], complete: bool = True) -> None:
         raise NotImplementedError

@@ -148,6 +148,10 @@ class _HookWriter:
     rows: int = 0                  # rows already in the datasets
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     buffered_bytes: int = 0
+    # The index columns (request, position, step) of rows already in `data`, written at the next
+    # commit: they are a few bytes a row, and three HDF5 appends per data append cost more than it.
+    index_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    indexed: int = 0               # rows whose index columns are in the file
 
 
 class HDF5Sink(Sink):
@@ -170,6 +174,7 @@ class HDF5Sink(Sink):
         self._pending_requests: list[str] = []
         self._last_requests: tuple[list[str], np.ndarray] | None = None
         self.copied_bytes = 0  # host copies of row bytes this sink makes (none: blocks are written as handed over)
+        self._stages: dict[str, list] = {}  # per hook: [buffer, rows handed out] (staging(), drain thread)
         self._last_flush = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -312,6 +317,24 @@ class HDF5Sink(Sink):
         hw.buffered_bytes += data.nbytes
         if hw.buffered_bytes >= self.chunk_bytes:
             self._append(hw)
+
+    def staging(self, info: HookInfo, n: int, row_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Consecutive slices of one append's worth of rows (chunk_bytes): the drain gathers
+        each block straight into the next slice, so an append of many small blocks is one
+        contiguous array and one HDF5 write, with no copy of its own (h5py's per-call cost is
+        many times a small block's write). Ragged hooks change width block to block: their own
+        arrays. Called on the drain thread: a buffer is only ever appended to by it, and
+        the sink thread reads only slices the drain has handed over."""
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if info.ragged or n * row_bytes >= self.chunk_bytes:
+            return np.empty((n, *row_shape), dtype)
+        st = self._stages.get(info.name)
+        if st is None or st[1] + n > len(st[0]) or st[0].dtype != dtype or st[0].shape[1:] != tuple(row_shape):
+            st = self._stages[info.name] = [np.empty((max(n, self.chunk_bytes // max(row_bytes, 1)), *row_shape),
+                                                     dtype), 0]
+        buf, at = st
+        st[1] = at + n
+        return buf[at:at + n]
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
@@ -473,6 +496,19 @@ class HDF5Sink(Sink):
         self._flush_requests()
         for hw in [*self._hooks.values(), *self._staged.values()]:
             self._append(hw)
+        for hw in self._hooks.values():
+            self._write_index(hw)
+
+    @staticmethod
+    def _write_index(hw: _HookWriter) -> None:
+        if not hw.index_parts:
+            return
+        parts, hw.index_parts = hw.index_parts, []
+        start, stop = hw.indexed, hw.indexed + sum(len(p[0]) for p in parts)
+        for k, ds in enumerate((hw.request, hw.position, hw.step)):
+            ds.resize((stop,))
+            ds[start:stop] = parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
+        hw.indexed = stop
 
     def _append(self, hw: _HookWriter) -> None:
         """Write the hook's buffered blocks as one append: one resize, each block written into
@@ -505,7 +541,7 @@ class HDF5Sink(Sink):
         else:
             hw.data.resize(stop, axis=0)
         at = start
-        for d in datas:
+        for d in datas if hw.ragged else _coalesce(datas):
             k = d.shape[0]
             if hw.ragged:
                 # Narrower rows leave the tail at the fill value 0, which is the padding we want.
@@ -513,9 +549,7 @@ class HDF5Sink(Sink):
             else:
                 hw.data[at:at + k] = d
             at += k
-        for ds, values in ((hw.request, req), (hw.position, pos), (hw.step, step)):
-            ds.resize((stop,))
-            ds[start:stop] = values
+        hw.index_parts.append((req, pos, step))
         hw.rows = stop
 
 
@@ -524,6 +558,39 @@ _CLOSE_RESERVE = 1 << 20
 
 # Upper bound for the ragged chunk width: keeps a chunk of one row at a sane size for long contexts.
 _MAX_CHUNK_W = 1 << 14
+
+
+def _coalesce(datas: list[np.ndarray]) -> list[np.ndarray]:
+    """Merge blocks that are adjacent slices of one staging buffer (see staging()) into one
+    view, so they are written with one call."""
+    out: list[np.ndarray] = []
+    for d in datas:
+        if out and _adjacent(out[-1], d):
+            p = out[-1]
+            base = _owner(d)
+            at = _address(p) - _address(base)
+            rows = base.view(np.uint8).reshape(-1)[at:at + p.nbytes + d.nbytes]
+            out[-1] = rows.view(p.dtype).reshape(len(p) + len(d), *p.shape[1:])
+            continue
+        out.append(d)
+    return out
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _adjacent(p: np.ndarray, d: np.ndarray) -> bool:
+    base = _owner(d)
+    return (base is not d and _owner(p) is base and base.flags.c_contiguous and p.flags.c_contiguous
+            and d.flags.c_contiguous and p.dtype == d.dtype and p.shape[1:] == d.shape[1:]
+            and _address(d) == _address(p) + p.nbytes)
 
 
 def _next_pow2(n: int) -> int:
