@@ -100,3 +100,39 @@ def test_row_table_take_addresses_rows_per_request():
     t = rows.take([3, 7, 11, -1])
     assert t.request.tolist() == [0, 1, 2, -1] and t.position.tolist()[:3] == [3, 7, 11]
     assert t.batch_of(np.arange(3)).tolist() == [0, 1, 2] and t.n_rows == 4
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(1, 9), width=st.integers(1, 40), offset=st.integers(0, 300), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64]),
+       transpose=st.booleans(), wrong=st.sampled_from([None, "rows", "bytes", "disabled"]))
+def test_eager_kernel_writes_what_the_op_writes(n, width, offset, seed, dtype, transpose, wrong):
+    """Eager forwards call the kernel without the dispatcher (numpy on the CPU); for any plan,
+    alignment, dtype (bf16 has no numpy type) and non-contiguous input it writes exactly the
+    bytes the op writes, and nothing where the op writes nothing."""
+    from dmi.kernels.capture_op import eager
+    from dmi.plan.control import ControlTable
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(width, n, generator=g).t() if transpose else torch.randn(n, width, generator=g)
+    x = x.to(dtype) if dtype != torch.int64 else (x * 100).to(torch.int64)
+    keep = torch.randperm(n, generator=g)[: max(1, n // 2)].sort().values
+    row_bytes = width * x.element_size()
+    rings, status = [], 1024
+    for use_eager in (False, True):
+        ring = torch.zeros(4096, dtype=torch.uint8)
+        c = ControlTable(1, 1, torch.device("cpu"))
+        c.rows_np[0, : len(keep)] = keep.numpy()
+        c.ctrl_np[0] = plan_row(offset, len(keep), 0, n + (wrong == "rows"), row_bytes + (wrong == "bytes"), status)
+        if wrong == "disabled":
+            c.ctrl_np[0] = 0
+        if use_eager:
+            eager(ring, c)(x, 0)
+        else:
+            capture(ring, x, c.rows, c.ctrl, 0)
+        rings.append(ring)
+    assert torch.equal(rings[0], rings[1])
+    if wrong is None:
+        assert int(rings[1][status: status + 8].view(torch.int64)) == len(keep)
+    else:
+        assert not rings[1].any()
