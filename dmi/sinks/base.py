@@ -92,6 +92,9 @@ class Sink:
     close() still has its books (the HDF5 sink does). It may be called from the sink thread."""
 
     stats_provider: Callable[[], dict[str, Any]] | None = None
+    # True when a row is readable as soon as write() returns (no commit step): the session
+    # counts it committed at once, not at the next flush().
+    commits_on_write: bool = False
 
     def open(self, meta: RunMeta) -> None:
         raise NotImplementedError

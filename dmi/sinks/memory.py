@@ -38,6 +38,8 @@ class HookRows:
 
 
 class MemorySink(Sink):
+    commits_on_write = True   # a reader sees a row as soon as write() returns
+
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             from dmi.errors import SpecError
@@ -134,6 +136,8 @@ def _with_refusals(stats: dict[str, Any], refused: dict[str, int]) -> dict[str, 
     for hook, n in refused.items():
         c = hooks.setdefault(hook, {})
         c["written"] = c.get("written", 0) - n
+        if "committed" in c:
+            c["committed"] -= n
         c["dropped"] = c.get("dropped", 0) + n
     reasons = stats.setdefault("drop_reasons", {})
     reasons[BUDGET_REASON] = reasons.get(BUDGET_REASON, 0) + sum(refused.values())
