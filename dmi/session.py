@@ -42,6 +42,7 @@ class Session:
         self.adapter = adapter
         self.spec = spec
         self.closed = False
+        self.engine_error: str | None = None  # the engine failed (engine_failed): the run is incomplete
         self._lock = threading.Lock()
         if id(engine) in _ARMED:
             raise SessionStateError("this engine already has an open dmi session; leave it (session.close()) first")
@@ -375,6 +376,14 @@ class Session:
                 return False
         return True
 
+    def engine_failed(self, message: str) -> None:
+        """An adapter saw its engine fail (a step raised, or it stopped before it finished
+        starting): the run cannot be complete, and its books say why."""
+        if self.engine_error is None:
+            self.engine_error = message
+            self.acct.error(message)
+            log.error("dmi: %s; the run will be marked incomplete", message)
+
     def close(self) -> None:
         """Detach: remove every capture point, write out everything captured, close the sink."""
         with self._lock:
@@ -392,7 +401,7 @@ class Session:
             if self.frame is not None:
                 self._seal(self.frame)
             _ARMED.pop(id(self.engine), None)
-            self._shutdown(complete=True)
+            self._shutdown(complete=self.engine_error is None)
 
     detach = close
 
