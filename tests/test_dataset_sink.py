@@ -20,13 +20,12 @@ import dmi  # noqa: E402
 from dmi import plugins  # noqa: E402
 from dmi.errors import SinkPathError  # noqa: E402
 from dmi.sinks.dataset import DatasetSink  # noqa: E402
-from dmi.testing import run_sink_conformance  # noqa: E402
-from test_memory_sink import read_back  # noqa: E402
+from dmi.testing import run_read_back, run_sink_conformance  # noqa: E402
 
 
 def test_dataset_sink_conformance_with_rollover(tmp_path):
     run_sink_conformance(lambda d: DatasetSink(str(d / "ds"), shard_bytes=300),
-                         lambda d: read_back(dmi.open(str(d / "ds"))), tmp_path)
+                         lambda d: run_read_back(dmi.open(str(d / "ds"))), tmp_path)
     manifest = json.loads((tmp_path / "ds" / "_manifest.rank00000.json").read_text())
     assert manifest["complete"] is True
     listed = sorted(s["path"] for s in manifest["shards"])
@@ -40,7 +39,7 @@ def test_dataset_sink_conformance_with_rollover(tmp_path):
 def test_registered_and_refuses_to_overwrite_a_rank(tmp_path):
     sink = plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 3})
     assert isinstance(sink, DatasetSink) and sink.rank == 3
-    run_sink_conformance(lambda d: sink, lambda d: read_back(dmi.open(str(d / "ds"))), tmp_path)
+    run_sink_conformance(lambda d: sink, lambda d: run_read_back(dmi.open(str(d / "ds"))), tmp_path)
     with pytest.raises(SinkPathError, match=r"already holds a run of rank 3.*overwrite: true"):
         plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 3})
     plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 4})   # another writer: fine

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
 
 FORMAT = "dmi-dataset"
 FORMAT_VERSION = 1
@@ -174,10 +174,7 @@ class DatasetSink(Sink):
 
     def write(self, block: RowBlock) -> None:
         data = np.asarray(block.data)
-        n = int(data.shape[0]) if data.ndim else 0
-        if len(block.request_index) != n or np.size(block.position) != n or np.size(block.step) != n:
-            raise ValueError(f"hook {block.hook.name!r}: {n} rows but {len(block.request_index)} request ids, "
-                             f"{np.size(block.position)} positions and {np.size(block.step)} steps")
+        n = block_rows(block)
         if n:
             h = self._hooks.get(block.hook.name)
             if h is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
 
 DEFAULT_MAX_BYTES = 1 << 30
 BUDGET_REASON = "memory_budget"
@@ -66,10 +66,7 @@ class MemorySink(Sink):
 
     def write(self, block: RowBlock) -> None:
         data = np.asarray(block.data)
-        n = int(data.shape[0]) if data.ndim else 0
-        if len(block.request) != n or np.size(block.position) != n or np.size(block.step) != n:
-            raise ValueError(f"hook {block.hook.name!r}: {n} rows but {len(block.request)} request ids, "
-                             f"{np.size(block.position)} positions and {np.size(block.step)} steps")
+        n = block_rows(block)
         if n == 0:
             return
         row_bytes = max(1, data.nbytes // n)
@@ -84,8 +81,8 @@ class MemorySink(Sink):
                 h = self.hooks.get(block.hook.name)
                 if h is None:
                     h = self.hooks[block.hook.name] = HookRows(info=copy.copy(block.hook))
-                # The drain reuses its buffers once write() returns: keep private copies.
-                h.data.append(np.array(data[:keep], copy=True))
+                # A block is handed over (RowBlock): kept as it is, not copied.
+                h.data.append(data[:keep])
                 h.request.append(self._indices(block.request[:keep]))
                 h.position.append(pos[:keep].copy())
                 h.step.append(step[:keep].copy())
