@@ -234,9 +234,28 @@ class DatasetRun(ColumnRun):
         return got
 
 
+def decode_rows(column, dtype: str, row_shape) -> np.ndarray:
+    """Rows of a `data` column written with value_encoding "bytes" as an array [n, *row_shape]:
+    a pyarrow (chunked) array, or what datasets or Ray hand out (a list or array of bytes).
+    bfloat16 comes back as its uint16 bit patterns, as from every dmi reader."""
+    np_dtype = _np_dtype(dtype)
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    if hasattr(column, "buffers"):   # Arrow: the values buffer, no copy
+        width = column.type.byte_width
+        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * width:(column.offset + len(column)) * width]
+    else:
+        raw = np.frombuffer(b"".join(bytes(r) for r in column), np.uint8)
+    return raw.view(np_dtype).reshape(-1, *row_shape)
+
+
 def table_rows(table, hook_meta: dict[str, Any]) -> np.ndarray:
     """The `data` column of a shard as [n, *row_shape] (ragged rows zero-padded to the widest)."""
+    import pyarrow as pa
+
     col = table.column("data").combine_chunks()
+    if pa.types.is_fixed_size_binary(col.type):
+        return decode_rows(col, hook_meta["dtype"], hook_meta["row_shape"])
     n = len(col)
     values = col.flatten().to_numpy(zero_copy_only=False)
     if not hook_meta["ragged"]:

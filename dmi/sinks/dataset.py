@@ -37,11 +37,20 @@ import numpy as np
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
 
 FORMAT = "dmi-dataset"
-FORMAT_VERSION = 1
+# The newest format this dmi writes and reads. 2 adds value_encoding "bytes"; a dataset without
+# it is written as 1, so a dmi that reads only 1 still reads it.
+FORMAT_VERSION = 2
 # Parquet is the default (docs/decisions.md); safetensors shards (one file per hook shard:
 # data, request_index, position, step, width; ids and hook metadata in the header) are what
 # `dmi export --to safetensors` writes, for tools that load tensors directly.
 SHARD_FORMATS = ("parquet", "safetensors")
+# How a Parquet shard stores a row's values (docs/decisions.md, "dataset sink throughput"):
+# "list": a fixed-size list column, which every reader (datasets, PyArrow, Ray) shows as an
+# array; "bytes": a fixed-size binary column holding the row's raw little-endian bytes (dtype
+# and row shape in the schema's "dmi" metadata; `decode_rows` turns them into an array). Parquet
+# encodes a list value by value, with levels for each, so "bytes" writes (and reads) about twice
+# as fast. Ragged hooks are always lists.
+VALUE_ENCODINGS = ("list", "bytes")
 MANIFEST_PREFIX = "_manifest.rank"
 GAPS_DIR = "_gaps"
 
@@ -104,7 +113,8 @@ class DatasetSink(Sink):
     def __init__(self, path: str, rank: int | None = None, shard_bytes: int = 128 << 20,
                  overwrite: bool = False, storage_options: dict[str, Any] | None = None,
                  compression: str | None = None, flush_every_s: float | None = None,
-                 shard_format: str = "parquet", encode_threads: int | None = None) -> None:
+                 shard_format: str = "parquet", encode_threads: int | None = None,
+                 value_encoding: str = "list") -> None:
         if not isinstance(path, str) or not path:
             raise _error("sink.path", f"a dataset sink needs a folder or URL, got {path!r}")
         if shard_bytes <= 0:
@@ -117,6 +127,9 @@ class DatasetSink(Sink):
         if shard_format not in SHARD_FORMATS:
             raise _error("sink.shard_format", f"must be one of {', '.join(SHARD_FORMATS)}, got {shard_format!r}")
         self.shard_format = shard_format
+        if value_encoding not in VALUE_ENCODINGS:
+            raise _error("sink.value_encoding", f"must be one of {', '.join(VALUE_ENCODINGS)}, got {value_encoding!r}")
+        self.value_encoding = value_encoding
         if encode_threads is None:
             encode_threads = min(4, os.cpu_count() or 1)
         if isinstance(encode_threads, bool) or not isinstance(encode_threads, int) or encode_threads < 0:
@@ -274,7 +287,8 @@ class DatasetSink(Sink):
             return
         parts, h.parts, h.buffered = h.parts, [], 0
         table = rows_table(h.info, h.dtype, [p[0] for p in parts], pa.chunked_array([p[1] for p in parts]),
-                           np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+                           np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
+                           self.value_encoding)
         if h.writer is None:
             h.tmp = None
             if self.local:
@@ -429,11 +443,12 @@ class DatasetSink(Sink):
     def _write_manifest(self, complete: bool, stats: dict[str, Any] | None) -> None:
         from dmi.sinks.hdf5 import json_default
 
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank, "shard_format": self.shard_format,
+        doc = {"format": FORMAT, "format_version": _version(self.value_encoding), "rank": self.rank, "shard_format": self.shard_format,
                "complete": complete, "written_at": datetime.now(timezone.utc).isoformat(),
                "meta": self._meta or {},
                "hooks": {name: {"dtype": h.info.dtype, "row_shape": list(h.row_shape), "ragged": bool(h.info.ragged),
-                                "source": h.info.source, "shard": list(h.info.shard) if h.info.shard else None}
+                                "source": h.info.source, "shard": list(h.info.shard) if h.info.shard else None,
+                                "encoding": _encoding(h.info, self.value_encoding, self.shard_format)}
                          for name, h in self._hooks.items()},
                "requests": list(self._requests),
                "shards": list(self._shards)}
@@ -454,8 +469,18 @@ class DatasetSink(Sink):
                 self.fs.rm_file(p)
 
 
+def _version(value_encoding: str) -> int:
+    return 2 if value_encoding == "bytes" else 1
+
+
+def _encoding(info: HookInfo, value_encoding: str, shard_format: str = "parquet") -> str:
+    if shard_format != "parquet":
+        return "tensor"
+    return "list" if info.ragged else value_encoding
+
+
 def rows_table(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], requests, position: np.ndarray,
-               step: np.ndarray):
+               step: np.ndarray, value_encoding: str = "list"):
     """One Arrow table of rows: request, position, step, data (+ width for ragged hooks).
 
     Every column is declared non-null (none ever is): Parquet then stores no definition levels
@@ -477,14 +502,20 @@ def rows_table(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], request
     else:
         # One Arrow chunk per block, each a zero-copy view of the block: no concatenation.
         per_row = int(np.prod(datas[0].shape[1:], dtype=np.int64))
-        data_type = pa.list_(value, per_row)
-        col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(
-            pa.array(np.ascontiguousarray(d).reshape(-1).astype(dtype, copy=False), value.type), type=data_type)
-            for d in datas], type=data_type)
+        blocks = [np.ascontiguousarray(d).astype(dtype, copy=False) for d in datas]
+        if value_encoding == "bytes":
+            data_type = pa.binary(per_row * np.dtype(dtype).itemsize)
+            col = pa.chunked_array([pa.FixedSizeBinaryArray.from_buffers(data_type, len(d), [None, pa.py_buffer(d)])
+                                    for d in blocks], type=data_type)
+        else:
+            data_type = pa.list_(value, per_row)
+            col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(pa.array(d.reshape(-1), value.type),
+                                                                      type=data_type) for d in blocks], type=data_type)
         extra = {}
         row_shape = [int(d) for d in datas[0].shape[1:]]
     meta = {"hook": info.name, "dtype": info.dtype, "row_shape": row_shape, "ragged": bool(info.ragged),
-            "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
+            "source": info.source, "format": FORMAT, "format_version": _version(value_encoding),
+            "encoding": _encoding(info, value_encoding)}
     columns = {"request": (requests if isinstance(requests, (pa.Array, pa.ChunkedArray))
                            else pa.array(requests, pa.string())),
                "position": pa.array(position, pa.int64()), "step": pa.array(step, pa.int64()), "data": col, **extra}
@@ -522,7 +553,7 @@ def safetensors_bytes(info: HookInfo, dtype: np.dtype, datas: list[np.ndarray], 
     if width is not None:
         tensors["width"] = torch.from_numpy(width)
     meta = {"hook": info.name, "dtype": info.dtype, "row_shape": [int(d) for d in data.shape[1:]],
-            "ragged": bool(info.ragged), "source": info.source, "format": FORMAT, "format_version": FORMAT_VERSION}
+            "ragged": bool(info.ragged), "source": info.source, "format": FORMAT, "format_version": 1}
     return save(tensors, metadata={"dmi": json.dumps(meta), "requests": json.dumps(ids)})
 
 
