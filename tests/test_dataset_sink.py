@@ -314,3 +314,37 @@ def test_bytes_value_encoding_reads_back_everywhere(tmp_path):
 def test_value_encoding_is_checked():
     with pytest.raises(ValueError, match="sink.value_encoding.*list, bytes"):
         plugins.sink_for({"kind": "dataset", "path": "/tmp/x-never-created", "value_encoding": "raw"})
+
+
+def test_a_row_group_that_fails_to_encode_loses_only_its_hook(tmp_path, monkeypatch):
+    """Row groups are encoded on threads: a failure there surfaces in the sink thread, the
+    hook's shard is dropped whole (no temporary file, nothing listed), the other hooks' rows are
+    published, and the run is not marked complete."""
+    import dmi.sinks.dataset as dsmod
+    from dmi.sinks.base import HookInfo, RowBlock, RunMeta
+
+    real = dsmod._write_row_group
+
+    def failing(writer, table, before):
+        if json.loads(table.schema.metadata[b"dmi"])["hook"] == "bad":
+            raise OSError("encoder ran out of memory")
+        real(writer, table, before)
+
+    monkeypatch.setattr(dsmod, "_write_row_group", failing)
+    sink = DatasetSink(str(tmp_path / "ds"), encode_threads=2)
+    sink.open(RunMeta("0", "t", "m", {}, dmi.CaptureSpec().to_json()))
+    rows = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)   # 256 KiB a block
+    for step in range(40):                                            # 10 MiB a hook: row groups before close
+        for hook in ("good", "bad"):
+            sink.write(RowBlock(HookInfo(hook, "float32", (1024,)), rows, [str(step)] * 64, np.arange(64),
+                                np.full(64, step)))
+    with pytest.raises(OSError, match="out of memory"):
+        sink.close({}, complete=True)
+    manifest = json.loads((tmp_path / "ds" / "_manifest.rank00000.json").read_text())
+    assert manifest["complete"] is False
+    assert {s["hook"] for s in manifest["shards"]} == {"good"}
+    assert sum(s["rows"] for s in manifest["shards"]) == 40 * 64
+    left = [f for _, _, fs in os.walk(tmp_path / "ds") for f in fs if f.endswith(".tmp")]
+    assert left == []
+    run = dmi.open(str(tmp_path / "ds"))
+    assert torch.equal(run.get("good", "7"), torch.from_numpy(rows))

@@ -234,14 +234,17 @@ class DatasetSink(Sink):
         if self._meta is None:
             return
         error: BaseException | None = None
-        try:
-            for h in self._hooks.values():
+        # Each hook on its own: one whose shard failed loses its unpublished rows, the others not.
+        for h in self._hooks.values():
+            try:
                 self._publish(h)
+            except BaseException as e:
+                error = error or e
+                self._discard_shard(h)   # no half-written shard is left behind
+        try:
             self._publish_gaps()
         except BaseException as e:
-            error = e
-        for h in self._hooks.values():   # after a failure: no half-written shard is left behind
-            self._discard_shard(h)
+            error = error or e
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._inflight = None, []
@@ -317,15 +320,17 @@ class DatasetSink(Sink):
         if not self.encode_threads:
             h.writer.write_table(table, row_group_size=1 << 30)
             return
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, wait
 
+        if h.pending is not None and h.pending.done() and h.pending.exception() is not None:
+            raise h.pending.exception()   # the hook's shard is broken: these rows are not taken
+        while len(self._inflight) >= 2 * self.encode_threads:
+            wait([self._inflight.pop(0)])  # its error, if any, is its own hook's (raised there)
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="dmi-dataset-encode")
         # FIFO pool: `before` was queued earlier, so it runs or has run before this task waits on it.
         h.pending = self._pool.submit(_write_row_group, h.writer, table, h.pending)
         self._inflight.append(h.pending)
-        while len(self._inflight) > 2 * self.encode_threads:
-            self._inflight.pop(0).result()
 
     def _settle(self, h: _Hook) -> None:
         """Wait for the hook's row groups to be encoded; raise what encoding raised."""
