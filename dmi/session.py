@@ -373,7 +373,9 @@ class Session:
         while not done.wait(0.05):
             waited += 0.05
             if not self.drain.answering() or waited >= limit:
-                return False
+                # The sink thread answers "stop" and then ends: it may have done both since
+                # the wait above timed out, which is an answer, not a dead thread.
+                return done.is_set()
         return True
 
     def engine_failed(self, message: str) -> None:
