@@ -86,8 +86,22 @@ class RemoteSession:
             self.closed = True
         try:
             self._final = self._rpc_close()
+        except Exception as e:
+            if not self._engine_dead(e):
+                raise
+            # Nothing is left to close: each worker closed its session as it stopped, marking
+            # its file incomplete with the engine's error. Raising again here would bury the
+            # engine's own error (a `with` block's exit) under a second copy of it.
+            msg = (f"the {self.adapter.engine_name} engine died before dmi closed its session "
+                   f"({type(e).__name__}); each worker wrote its file out as it stopped, marked incomplete")
+            log.warning("dmi: %s", msg)
+            self._final = [{"errors": [msg]}]
         finally:
             _ARMED.pop(id(self.engine), None)
+
+    def _engine_dead(self, error: BaseException) -> bool:
+        """Whether `error` from an RPC means the engine is gone (per engine)."""
+        return False
 
     detach = close
 

@@ -42,6 +42,7 @@ class Session:
         self.adapter = adapter
         self.spec = spec
         self.closed = False
+        self.engine_error: str | None = None  # the engine failed (engine_failed): the run is incomplete
         self._lock = threading.Lock()
         if id(engine) in _ARMED:
             raise SessionStateError("this engine already has an open dmi session; leave it (session.close()) first")
@@ -371,8 +372,18 @@ class Session:
         while not done.wait(0.05):
             waited += 0.05
             if not self.drain.answering() or waited >= limit:
-                return False
+                # The sink thread answers "stop" and then ends: it may have done both since
+                # the wait above timed out, which is an answer, not a dead thread.
+                return done.is_set()
         return True
+
+    def engine_failed(self, message: str) -> None:
+        """An adapter saw its engine fail (a step raised, or it stopped before it finished
+        starting): the run cannot be complete, and its books say why."""
+        if self.engine_error is None:
+            self.engine_error = message
+            self.acct.error(message)
+            log.error("dmi: %s; the run will be marked incomplete", message)
 
     def close(self) -> None:
         """Detach: remove every capture point, write out everything captured, close the sink."""
@@ -391,7 +402,7 @@ class Session:
             if self.frame is not None:
                 self._seal(self.frame)
             _ARMED.pop(id(self.engine), None)
-            self._shutdown(complete=True)
+            self._shutdown(complete=self.engine_error is None)
 
     detach = close
 

@@ -25,6 +25,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _listed(v, one: tuple[type, ...], empty: str):
+    """A list field written as one value means a list of it; an empty list is refused (`empty`
+    says what to write instead), since it would select nothing."""
+    if isinstance(v, one) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, (list, tuple)) and not v:
+        raise ValueError(empty)
+    return v
+
+
 class TokenFilter(_Strict):
     """Which token rows of the selected requests are kept. All conditions must hold.
 
@@ -89,12 +99,9 @@ class RequestFilter(_Strict):
     def _ids(cls, v):
         if v is None:
             return v
-        if isinstance(v, (str, int)):
-            v = [v]  # one id
-        if not isinstance(v, (list, tuple)):
+        if not isinstance(v, (str, int, list, tuple)) or isinstance(v, bool):
             raise ValueError(f"expected a list of request ids, got {type(v).__name__}")
-        if len(v) == 0:
-            raise ValueError("an empty id list selects nothing; use null for all requests")
+        v = _listed(v, (str, int), "an empty id list selects nothing; use null for all requests")
         out = []
         for x in v:
             # HF ids are "0", "1", ...: an unquoted 0 in a YAML file means that request.
@@ -179,11 +186,9 @@ class CaptureSpec(_Strict):
     @field_validator("hooks", mode="before")
     @classmethod
     def _hooks_list(cls, v):
-        if isinstance(v, str):
-            v = [v]
-        if not v:
-            raise ValueError("no hooks selected; give names, globs or a preset such as 'resid'")
-        return v
+        if not v:   # None, "", false, []
+            v = []
+        return _listed(v, (str,), "no hooks selected; give names, globs or a preset such as 'resid'")
 
     @model_validator(mode="before")
     @classmethod
@@ -258,9 +263,15 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise SpecError(str(key), "given twice in the spec; keep one")
+            raise _given_twice(key)
         out[key] = value
     return out
+
+
+def _given_twice(key: Any, line: int | None = None) -> SpecError:
+    """JSON and YAML parsers keep the last of a key given twice; dmi refuses it, the same way for both."""
+    where = f" (line {line})" if line is not None else ""
+    return SpecError(str(key), f"given twice in the spec{where}; keep one")
 
 
 def _load_yaml(text: str) -> Any:
@@ -281,7 +292,7 @@ def _load_yaml(text: str) -> Any:
             except TypeError:  # an unhashable key: the base constructor reports it
                 break
             if dup:
-                raise SpecError(str(key), f"given twice in the spec (line {key_node.start_mark.line + 1}); keep one")
+                raise _given_twice(key, key_node.start_mark.line + 1)
             seen.add(key)
         return loader.construct_mapping(node, deep=deep)
 

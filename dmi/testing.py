@@ -242,8 +242,12 @@ def run_sink_conformance(make_sink: Callable[[Path], Any], read_back: Callable[[
 
 
 def hdf5_read_back(path: Path) -> dict:
-    """read_back for sinks that write dmi's HDF5 format: through dmi.open."""
-    run = dmi.open(path)
+    """read_back for sinks that write dmi's HDF5 format (or any path dmi.open reads)."""
+    return run_read_back(dmi.open(path))
+
+
+def run_read_back(run) -> dict:
+    """read_back of any reader with the Run API (a file, a dataset, a memory sink's run())."""
     rows: dict = {}
     for hook in run.hooks:
         for r in run.requests:

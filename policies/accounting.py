@@ -1,6 +1,9 @@
 """The books: per hook, rows produced = filtered + written + dropped, always.
 
 `in_flight` rows are captured but not yet written; after a flush it is zero.
+`written` rows were handed to the sink; `committed` (not part of the sum) are those of them the
+sink has since made durable and readable (counted at each of its commits), which after a
+successful flush or close equals `written`.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from collections import defaultdict
 
 
 class Accounting:
-    COUNTERS = ("produced", "filtered", "written", "dropped", "in_flight")
+    COUNTERS = ("produced", "filtered", "written", "committed", "dropped", "in_flight")
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -74,6 +77,12 @@ class Accounting:
             h["written"] += n
             h["in_flight"] -= n
             self.bytes_written += nbytes
+
+    def committed(self, rows: dict[str, int]) -> None:
+        """The sink committed these rows (per hook) of those written to it."""
+        with self._lock:
+            for hook, n in rows.items():
+                self.hooks[hook]["committed"] += n
 
     def error(self, message: str) -> None:
         with self._lock:

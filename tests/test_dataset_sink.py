@@ -20,13 +20,12 @@ import dmi  # noqa: E402
 from dmi import plugins  # noqa: E402
 from dmi.errors import SinkPathError  # noqa: E402
 from dmi.sinks.dataset import DatasetSink  # noqa: E402
-from dmi.testing import run_sink_conformance  # noqa: E402
-from test_memory_sink import read_back  # noqa: E402
+from dmi.testing import run_read_back, run_sink_conformance  # noqa: E402
 
 
 def test_dataset_sink_conformance_with_rollover(tmp_path):
     run_sink_conformance(lambda d: DatasetSink(str(d / "ds"), shard_bytes=300),
-                         lambda d: read_back(dmi.open(str(d / "ds"))), tmp_path)
+                         lambda d: run_read_back(dmi.open(str(d / "ds"))), tmp_path)
     manifest = json.loads((tmp_path / "ds" / "_manifest.rank00000.json").read_text())
     assert manifest["complete"] is True
     listed = sorted(s["path"] for s in manifest["shards"])
@@ -40,7 +39,7 @@ def test_dataset_sink_conformance_with_rollover(tmp_path):
 def test_registered_and_refuses_to_overwrite_a_rank(tmp_path):
     sink = plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 3})
     assert isinstance(sink, DatasetSink) and sink.rank == 3
-    run_sink_conformance(lambda d: sink, lambda d: read_back(dmi.open(str(d / "ds"))), tmp_path)
+    run_sink_conformance(lambda d: sink, lambda d: run_read_back(dmi.open(str(d / "ds"))), tmp_path)
     with pytest.raises(SinkPathError, match=r"already holds a run of rank 3.*overwrite: true"):
         plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 3})
     plugins.sink_for({"kind": "dataset", "path": str(tmp_path / "ds"), "rank": 4})   # another writer: fine
@@ -276,3 +275,76 @@ def test_dataloader_trains_a_tiny_sae(s3_run):
             opt.step()
             losses.append(loss.item())
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_bytes_value_encoding_reads_back_everywhere(tmp_path):
+    """value_encoding "bytes": rows as raw bytes (fixed-size binary); dmi.open, PyArrow and
+    datasets (through decode_rows) give the same rows, bf16 and ragged hooks included."""
+    import pyarrow.dataset as pads
+
+    from dmi.reader.dataset import decode_rows
+
+    run_sink_conformance(lambda d: DatasetSink(str(d / "ds"), shard_bytes=300, value_encoding="bytes"),
+                         lambda d: run_read_back(dmi.open(str(d / "ds"))), tmp_path)
+    run = dmi.open(str(tmp_path / "ds"))
+    manifest = json.loads((tmp_path / "ds" / "_manifest.rank00000.json").read_text())
+    assert manifest["format_version"] == 2
+    assert manifest["hooks"]["blocks.0.hook_resid_post"]["encoding"] == "bytes"
+    assert manifest["hooks"]["blocks.0.attn.hook_pattern"]["encoding"] == "list"   # ragged: always lists
+    for hook in ("blocks.0.hook_resid_post", "blocks.0.attn.hook_q"):
+        meta = run.manifests[0]["hooks"][hook]
+        t = pads.dataset(run.shard_paths(hook), format="parquet").to_table()
+        assert pa.types.is_fixed_size_binary(t.schema.field("data").type)
+        rows = decode_rows(t["data"], meta["dtype"], meta["row_shape"])
+        for req, pos, row in zip(t["request"].to_pylist(), t["position"].to_pylist(), rows):
+            want = run.get(hook, req)[run.positions(hook, req).tolist().index(pos)]
+            if meta["dtype"] == "bfloat16":
+                want = want.view(torch.int16).numpy().view(np.uint16)
+            assert np.array_equal(row, np.asarray(want)), (hook, req, pos)
+    datasets = pytest.importorskip("datasets")
+    hook = "blocks.0.hook_resid_post"
+    ds = datasets.load_dataset("parquet", data_files=run.shard_paths(hook), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    got = decode_rows(ds["data"], "float32", [8])
+    want = np.stack([run.get(hook, r)[run.positions(hook, r).tolist().index(p)].numpy()
+                     for r, p in zip(ds["request"], ds["position"])])
+    assert got.shape == (ds.num_rows, 8) and np.array_equal(got, want)
+
+
+def test_value_encoding_is_checked():
+    with pytest.raises(ValueError, match="sink.value_encoding.*list, bytes"):
+        plugins.sink_for({"kind": "dataset", "path": "/tmp/x-never-created", "value_encoding": "raw"})
+
+
+def test_a_row_group_that_fails_to_encode_loses_only_its_hook(tmp_path, monkeypatch):
+    """Row groups are encoded on threads: a failure there surfaces in the sink thread, the
+    hook's shard is dropped whole (no temporary file, nothing listed), the other hooks' rows are
+    published, and the run is not marked complete."""
+    import dmi.sinks.dataset as dsmod
+    from dmi.sinks.base import HookInfo, RowBlock, RunMeta
+
+    real = dsmod._write_row_group
+
+    def failing(writer, table, before):
+        if json.loads(table.schema.metadata[b"dmi"])["hook"] == "bad":
+            raise OSError("encoder ran out of memory")
+        real(writer, table, before)
+
+    monkeypatch.setattr(dsmod, "_write_row_group", failing)
+    sink = DatasetSink(str(tmp_path / "ds"), encode_threads=2)
+    sink.open(RunMeta("0", "t", "m", {}, dmi.CaptureSpec().to_json()))
+    rows = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)   # 256 KiB a block
+    for step in range(40):                                            # 10 MiB a hook: row groups before close
+        for hook in ("good", "bad"):
+            sink.write(RowBlock(HookInfo(hook, "float32", (1024,)), rows, [str(step)] * 64, np.arange(64),
+                                np.full(64, step)))
+    with pytest.raises(OSError, match="out of memory"):
+        sink.close({}, complete=True)
+    manifest = json.loads((tmp_path / "ds" / "_manifest.rank00000.json").read_text())
+    assert manifest["complete"] is False
+    assert {s["hook"] for s in manifest["shards"]} == {"good"}
+    assert sum(s["rows"] for s in manifest["shards"]) == 40 * 64
+    left = [f for _, _, fs in os.walk(tmp_path / "ds") for f in fs if f.endswith(".tmp")]
+    assert left == []
+    run = dmi.open(str(tmp_path / "ds"))
+    assert torch.equal(run.get("good", "7"), torch.from_numpy(rows))

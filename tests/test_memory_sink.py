@@ -10,22 +10,11 @@ from dmi import plugins
 from dmi.reader.memory import cache_of
 from dmi.sinks.base import HookInfo, RowBlock, RunMeta
 from dmi.sinks.memory import MemorySink
-from dmi.testing import run_sink_conformance
+from dmi.testing import run_read_back, run_sink_conformance
 from helpers import assert_books_balance, fed_sequences, left_pad
 
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33]]
 PAD, NO_EOS = 257, 319
-
-
-def read_back(run) -> dict:
-    rows: dict = {}
-    for hook in run.hooks:
-        for r in run.requests:
-            data, pos, steps = run.get(hook, r), run.positions(hook, r), run.steps(hook, r)
-            for i in range(len(pos)):
-                rows.setdefault(hook, {})[(r, int(pos[i]))] = (int(steps[i]), data[i])
-    gaps = [(g["hook"], g["request"], int(g["position"]), int(g["step"]), g["reason"]) for g in run.gaps()]
-    return {"rows": rows, "gaps": gaps}
 
 
 def test_memory_sink_conformance(tmp_path):
@@ -35,7 +24,7 @@ def test_memory_sink_conformance(tmp_path):
         sinks[d] = MemorySink(max_bytes=1 << 30)
         return sinks[d]
 
-    run_sink_conformance(make, lambda d: read_back(sinks[d].run()), tmp_path)
+    run_sink_conformance(make, lambda d: run_read_back(sinks[d].run()), tmp_path)
 
 
 def test_registered_by_name_and_by_kind():

@@ -108,6 +108,9 @@ class VllmSession(RemoteSession):
             _ARMED.pop(id(llm), None)
             raise
 
+    def _engine_dead(self, error: BaseException) -> bool:
+        return type(error).__name__ == "EngineDeadError"
+
     def _call(self, method: str, *args):
         return self.engine.collective_rpc(method, args=args)
 

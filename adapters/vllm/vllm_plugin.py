@@ -77,8 +77,25 @@ def _after_load(original, worker, *args, **kwargs):
         from . import worker as w
 
         w.open_session(worker, json.dumps(spec) if not isinstance(spec, str) else spec)
+        _until_started(worker, w._SESSIONS[id(worker)])
         log.info("dmi: armed at construction; capturing into %s", spec.get("sink") if isinstance(spec, dict) else spec)
     return result
+
+
+def _until_started(worker, session) -> None:
+    """Mark the armed session as starting until the worker's last start-up stage returns
+    (an instance attribute: CPU and GPU workers define the method on different classes)."""
+    session.starting = True
+    original = worker.compile_or_warm_up_model
+
+    @functools.wraps(original)
+    def warm_up(*args, **kwargs):
+        result = original(*args, **kwargs)
+        session.starting = False
+        worker.__dict__.pop("compile_or_warm_up_model", None)
+        return result
+
+    worker.compile_or_warm_up_model = warm_up
 
 
 def _before_shutdown(original, worker, *args, **kwargs):

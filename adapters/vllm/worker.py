@@ -36,6 +36,16 @@ log = logging.getLogger("dmi")
 class WorkerSession(Session):
     """A session next to the model, in a vLLM worker process."""
 
+    # Armed at model load (additional_config): true until the engine's warm-up returns. An
+    # engine that dies before then (KV cache, warm-up) closes the session at exit or shutdown,
+    # and that run must not read as a complete one that saw no requests.
+    starting = False
+
+    def close(self) -> None:
+        if self.starting and not self.closed:
+            self.engine_failed("the vLLM engine stopped before it finished starting (dmi armed it at model load)")
+        super().close()
+
 
 class WorkerAdapter(Adapter):
     engine_name = "vllm"
@@ -151,6 +161,13 @@ class WorkerAdapter(Adapter):
         self._sched = scheduler_output
         try:
             return original(scheduler_output, *args, **kwargs)
+        except BaseException as e:
+            # vLLM ends its engine on this (EngineDeadError in the caller); the worker's session is
+            # then closed at shutdown or exit, and must not mark the run complete.
+            if self.session is not None:
+                self.session.engine_failed(f"the vLLM engine raised in step {self.session.step}: "
+                                           f"{type(e).__name__}: {e}")
+            raise
         finally:
             if self._in_step:
                 self._in_step = False

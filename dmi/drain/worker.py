@@ -72,6 +72,7 @@ class Drain:
         self.error: str | None = None     # the drain or sink thread died of this
         self.copied_bytes = 0             # host copies the drain made
         self.row_bytes = 0                # bytes of the rows it handed on
+        self._uncommitted: dict[str, int] = {}  # per hook: rows written to the sink since its last commit
         self._whole = True                # the last frame handed on ended its step
         self._taken: list = []            # items the drain took and has not handed on yet
         self._warned: set[str] = set()
@@ -300,7 +301,7 @@ class Drain:
             item = self.host.get(timeout=every)
             if isinstance(item, Marker):
                 if item.kind in ("flush", "stop") and self.sink_failed is None:
-                    self._guard(self.sink.flush)
+                    self._commit()
                 dirty, last = False, time.monotonic()
                 if item.done is not None:
                     item.done.set()
@@ -315,8 +316,14 @@ class Drain:
             # Commits fall between whole steps only: a reader never sees a step torn across hooks.
             if dirty and whole and time.monotonic() - last >= every:
                 if self.sink_failed is None:
-                    self._guard(self.sink.flush)
+                    self._commit()
                 dirty, last = False, time.monotonic()
+
+    def _commit(self) -> None:
+        """Flush the sink; once it returns, the rows written since its last commit are committed."""
+        if self._guard(self.sink.flush) and self._uncommitted:
+            self.acct.committed(self._uncommitted)
+            self._uncommitted = {}
 
     def _write(self, block) -> None:
         if isinstance(block, GapBlock):
@@ -325,6 +332,10 @@ class Drain:
         n = len(block.position)
         if self.sink_failed is None and self._guard(self.sink.write, block):
             self.acct.written(block.hook.name, n, block.data.nbytes)
+            if getattr(self.sink, "commits_on_write", False):
+                self.acct.committed({block.hook.name: n})
+            else:
+                self._uncommitted[block.hook.name] = self._uncommitted.get(block.hook.name, 0) + n
         else:
             self.acct.dropped(block.hook.name, n, "sink_error", in_flight=True, requests=block.request)
 

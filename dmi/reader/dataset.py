@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmi.reader.run import _Index, _torch_dtype, _unknown, natural_key
-from dmi.reader.views import RunViews
+from dmi.reader.columns import ColumnRun, Columns, columns
+from dmi.reader.run import _unknown
 from dmi.sinks.dataset import FORMAT, FORMAT_VERSION, GAPS_DIR, MANIFEST_PREFIX, filesystem
 
 
@@ -32,7 +32,7 @@ def is_dataset(path: Any) -> bool:
     return False
 
 
-class DatasetRun(RunViews):
+class DatasetRun(ColumnRun):
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         import os
 
@@ -57,7 +57,7 @@ class DatasetRun(RunViews):
         self.manifests.sort(key=lambda m: m["rank"])
         self._qualify = _ids_collide([m["requests"] for m in self.manifests])
         self._requests = [self._qualified(m["rank"], r) for m in self.manifests for r in m["requests"]]
-        self._request_pos = {r: i for i, r in enumerate(self._requests)}
+        self._request_at = {r: i for i, r in enumerate(self._requests)}
         self._hook_meta: dict[str, dict[str, Any]] = {}
         for m in self.manifests:
             for name, h in m["hooks"].items():
@@ -69,7 +69,7 @@ class DatasetRun(RunViews):
                     raise ValueError(f"{self.path!r}: hook {name!r} has dtype/row shape {have['dtype']} "
                                      f"{have['row_shape']} in one rank and {h['dtype']} {h['row_shape']} in rank "
                                      f"{m['rank']}")
-        self._cols: dict[str, tuple[np.ndarray, _Index, np.ndarray]] = {}
+        self._cols: dict[str, Columns] = {}
 
     def _load_manifest(self, path: str) -> dict[str, Any]:
         try:
@@ -96,12 +96,6 @@ class DatasetRun(RunViews):
         self.__dict__.update(fresh.__dict__)
         return self
 
-    def __enter__(self) -> DatasetRun:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return (f"<dmi.DatasetRun {self.path!r} {'complete' if self.complete else 'INCOMPLETE'} "
                 f"ranks={len(self.manifests)} requests={len(self.requests)} hooks={len(self.hooks)}>")
@@ -111,13 +105,6 @@ class DatasetRun(RunViews):
     @property
     def requests(self) -> list[str]:
         return list(self._requests)
-
-    @property
-    def hooks(self) -> list[str]:
-        stored = set(self._hook_meta)
-        order = self.meta.get("hooks")
-        first = [h for h in order if h in stored] if isinstance(order, list) else []
-        return first + sorted(stored - set(first), key=natural_key)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -169,15 +156,9 @@ class DatasetRun(RunViews):
         self._meta_of(hook)
         return None
 
-    def shape(self, hook: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._columns(hook)[0].shape[1:])
-
     def num_rows(self, hook: str) -> int:
         self._meta_of(hook)
         return sum(s["rows"] for m in self.manifests for s in m["shards"] if s.get("hook") == hook)
-
-    def data_bytes(self, hook: str) -> int:
-        return int(self._columns(hook)[0].nbytes)
 
     def nbytes(self, hook: str) -> int:
         self._meta_of(hook)
@@ -196,28 +177,7 @@ class DatasetRun(RunViews):
 
     # -- rows --------------------------------------------------------------------------------
 
-    def get(self, hook: str, request: str | int) -> torch.Tensor:
-        data, idx, _ = self._columns(hook)
-        req = self._request_idx(request)
-        rows = idx.rows_of(req)
-        out = data[rows]
-        if self.ragged(hook) and rows.size:
-            out = out[..., : min(int(idx.positions_of(req).max()) + 1, data.shape[-1])]
-        return self._tensor(out, hook)
-
-    def positions(self, hook: str, request: str | int) -> torch.Tensor:
-        _, idx, _ = self._columns(hook)
-        return torch.from_numpy(idx.positions_of(self._request_idx(request)).copy())
-
-    def steps(self, hook: str, request: str | int) -> torch.Tensor:
-        _, idx, step = self._columns(hook)
-        return torch.from_numpy(step[idx.rows_of(self._request_idx(request))])
-
-    def read_rows(self, hook: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows start:stop in shard order (rank, then shard number)."""
-        return self._tensor(self._columns(hook)[0][start:stop], hook)
-
-    def gaps(self, hook: str | None = None, request: str | int | None = None) -> list[dict[str, Any]]:
+    def _all_gaps(self) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         out = []
@@ -229,12 +189,7 @@ class DatasetRun(RunViews):
                 for g in t:
                     g["request"] = self._qualified(m["rank"], g["request"])
                     out.append(g)
-        if hook is not None and hook not in self._hook_meta and not any(g["hook"] == hook for g in out):
-            raise _unknown("hook", hook, self.hooks)
-        rid = None if request is None else self.request_id(request)
-        if rid is not None and rid not in self._request_pos:
-            raise _unknown("request", rid, self.requests)
-        return [g for g in out if (hook is None or g["hook"] == hook) and (rid is None or g["request"] == rid)]
+        return out
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -244,14 +199,13 @@ class DatasetRun(RunViews):
             raise _unknown("hook", hook, self.hooks)
         return h
 
-    def _request_idx(self, request: str | int) -> int:
-        rid = self.request_id(request)
-        i = self._request_pos.get(rid)
-        if i is None:
-            raise _unknown("request", rid, self.requests)
-        return i
+    def _stored_hooks(self) -> list[str]:
+        return list(self._hook_meta)
 
-    def _columns(self, hook: str) -> tuple[np.ndarray, _Index, np.ndarray]:
+    def _request_table(self) -> dict[str, int]:
+        return self._request_at
+
+    def _columns(self, hook: str) -> Columns:
         got = self._cols.get(hook)
         if got is not None:
             return got
@@ -271,30 +225,37 @@ class DatasetRun(RunViews):
                     data, ids = table_rows(t, h), t.column("request").to_pylist()
                     pos, step = t.column("position").to_numpy(), t.column("step").to_numpy()
                 datas.append(data)
-                reqs.append(np.fromiter((self._request_pos[self._qualified(m["rank"], r)] for r in ids),
+                reqs.append(np.fromiter((self._request_at[self._qualified(m["rank"], r)] for r in ids),
                                         np.int64, len(ids)))
                 poss.append(pos)
                 steps.append(step)
-        dtype = _np_dtype(h["dtype"])
-        data = _join(datas, h["ragged"]) if datas else np.zeros((0, *h["row_shape"]), dtype)
-        req = np.concatenate(reqs) if reqs else np.zeros(0, np.int64)
-        pos = np.concatenate(poss).astype(np.int64) if poss else np.zeros(0, np.int64)
-        step = np.concatenate(steps).astype(np.int64) if steps else np.zeros(0, np.int64)
-        order = np.lexsort((pos, req))
-        got = self._cols[hook] = (data, _Index(order=order, requests=req[order], positions=pos[order]), step)
+        got = self._cols[hook] = columns(datas, reqs, poss, steps, bool(h["ragged"]),
+                                         np.zeros((0, *h["row_shape"]), _np_dtype(h["dtype"])))
         return got
 
-    def _tensor(self, a: np.ndarray, hook: str) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a))
-        want = _torch_dtype(self.dtype(hook))
-        if want is not None and want != t.dtype and want.itemsize == t.dtype.itemsize:
-            t = t.view(want)
-        return t
+
+def decode_rows(column, dtype: str, row_shape) -> np.ndarray:
+    """Rows of a `data` column written with value_encoding "bytes" as an array [n, *row_shape]:
+    a pyarrow (chunked) array, or what datasets or Ray hand out (a list or array of bytes).
+    bfloat16 comes back as its uint16 bit patterns, as from every dmi reader."""
+    np_dtype = _np_dtype(dtype)
+    if hasattr(column, "combine_chunks"):
+        column = column.combine_chunks()
+    if hasattr(column, "buffers"):   # Arrow: the values buffer, no copy
+        width = column.type.byte_width
+        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * width:(column.offset + len(column)) * width]
+    else:
+        raw = np.frombuffer(b"".join(bytes(r) for r in column), np.uint8)
+    return raw.view(np_dtype).reshape(-1, *row_shape)
 
 
 def table_rows(table, hook_meta: dict[str, Any]) -> np.ndarray:
     """The `data` column of a shard as [n, *row_shape] (ragged rows zero-padded to the widest)."""
+    import pyarrow as pa
+
     col = table.column("data").combine_chunks()
+    if pa.types.is_fixed_size_binary(col.type):
+        return decode_rows(col, hook_meta["dtype"], hook_meta["row_shape"])
     n = len(col)
     values = col.flatten().to_numpy(zero_copy_only=False)
     if not hook_meta["ragged"]:
@@ -335,18 +296,6 @@ def _np_dtype(name: str) -> np.dtype:
         return np.dtype(name)
     except TypeError:
         return np.dtype(np.uint8)
-
-
-def _join(parts: list[np.ndarray], ragged: bool) -> np.ndarray:
-    if not ragged:
-        return np.concatenate(parts)
-    w = max(p.shape[-1] for p in parts)
-    out = np.zeros((sum(len(p) for p in parts), *parts[0].shape[1:-1], w), dtype=parts[0].dtype)
-    i = 0
-    for p in parts:
-        out[i:i + len(p), ..., : p.shape[-1]] = p
-        i += len(p)
-    return out
 
 
 def _ids_collide(per_rank: list[list[str]]) -> bool:

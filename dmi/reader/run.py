@@ -420,10 +420,8 @@ class Run(RunViews):
             n = min(n, self._salvaged["gaps"])
         empty = n == 0
         hooks = np.empty(0, dtype=object) if empty else np.asarray(g["hook"].asstr()[:n], dtype=object)
-        # A hook may appear only here (every row of it dropped), so both places count as known.
-        if hook is not None and hook not in self.hooks and not np.any(hooks == hook):
-            raise _unknown("hook", hook, sorted(set(self.hooks) | set(hooks.tolist()), key=natural_key))
-        req_idx = self._request_idx(request) if request is not None else None
+        rid = self._gap_query(hook, request, set(hooks.tolist()))
+        req_idx = self._request_idx(rid) if rid is not None else None
         if empty:
             return []
         reqs = g["request"][:n]

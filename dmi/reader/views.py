@@ -44,6 +44,20 @@ class RunViews:
         raise UnknownName(f"request {request} is ambiguous: ids {matches} all read as the number {request}; "
                        f"pass the string id")
 
+    def _gap_query(self, hook: str | None, request: Any, gap_hooks) -> str | None:
+        """Check a gaps() query and return its request id (None: all). A hook is known when the
+        run holds rows of it or a gap names it (every row of it dropped)."""
+        from dmi.reader.run import _unknown, natural_key
+
+        if hook is not None and hook not in self.hooks and hook not in gap_hooks:
+            raise _unknown("hook", hook, sorted(set(self.hooks) | set(gap_hooks), key=natural_key))
+        if request is None:
+            return None
+        rid = self.request_id(request)
+        if rid not in self.requests:
+            raise _unknown("request", rid, self.requests)
+        return rid
+
     # -- TransformerLens-style access ---------------------------------------------------------
 
     def __getitem__(self, key: Any) -> torch.Tensor:

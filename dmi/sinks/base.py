@@ -72,6 +72,16 @@ class RowBlock:
         return self._request
 
 
+def block_rows(block: RowBlock) -> int:
+    """The block's row count, after checking that every column has one entry per row."""
+    n = int(np.shape(block.data)[0]) if np.ndim(block.data) else 0
+    lens = (len(block.request_index), int(np.size(block.position)), int(np.size(block.step)))
+    if lens != (n, n, n):
+        raise ValueError(f"hook {block.hook.name!r}: {n} rows but {lens[0]} request ids, "
+                         f"{lens[1]} positions and {lens[2]} steps")
+    return n
+
+
 @dataclass
 class GapBlock:
     """Rows that were produced but not written (dropped), so a reader knows what is missing."""
@@ -92,6 +102,9 @@ class Sink:
     close() still has its books (the HDF5 sink does). It may be called from the sink thread."""
 
     stats_provider: Callable[[], dict[str, Any]] | None = None
+    # True when a row is readable as soon as write() returns (no commit step): the session
+    # counts it committed at once, not at the next flush().
+    commits_on_write: bool = False
 
     def open(self, meta: RunMeta) -> None:
         raise NotImplementedError

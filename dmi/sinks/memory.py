@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
 
 DEFAULT_MAX_BYTES = 1 << 30
 BUDGET_REASON = "memory_budget"
@@ -38,6 +38,8 @@ class HookRows:
 
 
 class MemorySink(Sink):
+    commits_on_write = True   # a reader sees a row as soon as write() returns
+
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             from dmi.errors import SpecError
@@ -64,10 +66,7 @@ class MemorySink(Sink):
 
     def write(self, block: RowBlock) -> None:
         data = np.asarray(block.data)
-        n = int(data.shape[0]) if data.ndim else 0
-        if len(block.request) != n or np.size(block.position) != n or np.size(block.step) != n:
-            raise ValueError(f"hook {block.hook.name!r}: {n} rows but {len(block.request)} request ids, "
-                             f"{np.size(block.position)} positions and {np.size(block.step)} steps")
+        n = block_rows(block)
         if n == 0:
             return
         row_bytes = max(1, data.nbytes // n)
@@ -82,8 +81,8 @@ class MemorySink(Sink):
                 h = self.hooks.get(block.hook.name)
                 if h is None:
                     h = self.hooks[block.hook.name] = HookRows(info=copy.copy(block.hook))
-                # The drain reuses its buffers once write() returns: keep private copies.
-                h.data.append(np.array(data[:keep], copy=True))
+                # A block is handed over (RowBlock): kept as it is, not copied.
+                h.data.append(data[:keep])
                 h.request.append(self._indices(block.request[:keep]))
                 h.position.append(pos[:keep].copy())
                 h.step.append(step[:keep].copy())
@@ -134,6 +133,8 @@ def _with_refusals(stats: dict[str, Any], refused: dict[str, int]) -> dict[str, 
     for hook, n in refused.items():
         c = hooks.setdefault(hook, {})
         c["written"] = c.get("written", 0) - n
+        if "committed" in c:
+            c["committed"] -= n
         c["dropped"] = c.get("dropped", 0) + n
     reasons = stats.setdefault("drop_reasons", {})
     reasons[BUDGET_REASON] = reasons.get(BUDGET_REASON, 0) + sum(refused.values())
