@@ -11,6 +11,7 @@ import logging
 import os
 
 from dmi.errors import EngineNotSupportedError, SessionStateError
+from dmi.tp import rank_sink
 
 log = logging.getLogger("dmi")
 
@@ -77,12 +78,28 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None) -> dict
     if table is None:
         arch = (getattr(cfg, "architectures", None) or ["?"])[0]
         raise EngineNotSupportedError(f"dmi has no SGLang architecture table for {arch!r}")
+    tp_size, rank = tp_rank()
     adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
-                                  in_flight=in_flight(scheduler))
-    session = Session(runner, adapter, spec, plugins.sink_for(spec.sink))
+                                  in_flight=in_flight(scheduler), tp=(tp_size, rank))
+    session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start)
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
-    return {"hooks": session.names}
+    return {"hooks": session.names, "rank": rank}
+
+
+def tp_rank() -> tuple[int, int]:
+    """(tensor-parallel size, this scheduler's rank in it): every rank runs its own scheduler."""
+    from sglang.srt.distributed import parallel_state as ps
+
+    try:
+        return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    except (AssertionError, AttributeError):  # no parallel groups initialised: one process
+        return 1, 0
+
+
+def reply_path(reply: str, rank: int) -> str:
+    """Where rank `rank` writes its answer: every rank's scheduler runs the same RPC."""
+    return reply if rank == 0 else f"{reply}.rank{rank}"
 
 
 def arm_from_env() -> None:
@@ -142,6 +159,7 @@ def rpc(scheduler, op: str, reply: str, spec: str = "", timeout: float = -1.0) -
         out, err = None, {"type": type(e).__name__, "message": str(e), "value_error": isinstance(e, ValueError)}
         log.error("dmi: %s failed: %s", op, e)
     if reply:
+        reply = reply_path(reply, tp_rank()[1])
         tmp = reply + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"ok": err is None, "result": out, "error": err}, f, default=str)

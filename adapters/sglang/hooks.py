@@ -9,6 +9,7 @@ from dmi.adapter import Binding
 from dmi.errors import UnknownHookError
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.plan import LOGITS, TOKENS
+from dmi.tp import rank_dims, shard
 
 from .tables.base import Dims, SGLangTable, STap, Where
 
@@ -22,25 +23,32 @@ class SBinding(Binding):
 
 
 class HookMap:
-    def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4, dtype=None):
+    """The hooks of one tensor-parallel rank (the only one without TP). Rank 0 binds every selected
+    hook, its slice of the split ones (attention heads, MLP features); the other ranks bind only
+    their slices of those, since every rank holds the same whole rows."""
+
+    def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4, dtype=None, tp_size: int = 1,
+                 tp_rank: int = 0):
         self.table = table
         self.cfg = hf_config
-        self.dims: Dims = table.dims(hf_config)
+        self.full_dims: Dims = table.dims(hf_config)
+        self.dims: Dims = rank_dims(self.full_dims, tp_size)  # what this rank's tensors hold
+        self.tp_size, self.tp_rank = tp_size, tp_rank
         self.dtype_size = dtype_size
         self.dtype = dtype  # the model's torch dtype, known next to the model (row layouts for the plan)
 
     def offered(self) -> dict[str, tuple[STap, Where]]:
         out = {}
-        for name in canonical_names(self.dims.n_layers):
+        for name in canonical_names(self.full_dims.n_layers):
             layer, suffix = split_layer(name)
             tap = self.table.taps.get(suffix)
             if tap is None or (layer is not None and not self.table.has(self.cfg, layer, suffix)):
                 continue
-            out[name] = (tap, tap.where(layer, self.dims))
+            out[name] = (tap, tap.where(layer, self.full_dims))
         return out
 
     def resolve(self, patterns: list[str]) -> list[str]:
-        names = resolve(patterns, list(self.offered()), self.dims.n_layers)
+        names = resolve(patterns, list(self.offered()), self.full_dims.n_layers)
         modules = [n for n in names if n.startswith("module:")]
         if modules:
             raise UnknownHookError("hooks", f"{modules[0]!r}: 'module:' hooks are not offered on SGLang; use the "
@@ -53,6 +61,9 @@ class HookMap:
         out = []
         for name in self.resolve(patterns):
             tap, where = offered[name]
+            piece = shard(tap.shard, self.full_dims, self.tp_size, self.tp_rank)
+            if self.tp_rank > 0 and piece is None:
+                continue
             size = _DTYPE_SIZE.get(tap.dtype or "", self.dtype_size)
             idx = "" if where.index is None else f"[{where.index}]"
             # Router ids come as int32 or int64 depending on the top-k kernel SGLang picks: their
@@ -60,6 +71,6 @@ class HookMap:
             dtype = None if tap.dtype else self.dtype
             out.append(SBinding(name, f"{where.module}:{where.io}{idx}", math.prod(tap.shape(self.dims)) * size,
                                 row_shape=tuple(tap.shape(self.dims)) if dtype is not None else None, dtype=dtype,
-                                group=LOGITS if tap.view == "last_rows" else TOKENS,
+                                group=LOGITS if tap.view == "last_rows" else TOKENS, shard=piece,
                                 tap=tap, where=where))
         return out

@@ -30,6 +30,7 @@ class STap:
     view: str | None = None   # heads | kv_heads | rows_heads | rows_kv_heads | q | k | v (fused qkv) | last_rows
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dtype: str | None = None  # fixed dtype (router ids); None: the model's
+    shard: str | None = None  # tensor parallel: heads | kv_heads | mlp is split across ranks (dmi.tp)
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,14 @@ L = "model.layers.{L}"
 LLAMA_LIKE: dict[str, STap] = {
     "hook_embed": STap(at("model.embed_tokens")),
     "hook_resid_pre": STap(resid_before),
-    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=q_row),
-    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=kv_row),
-    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=kv_row),
-    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=q_row),
+    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=q_row, shard="heads"),
+    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=kv_row, shard="kv_heads"),
+    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=kv_row, shard="kv_heads"),
+    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=q_row, shard="heads"),
     "hook_attn_out": STap(at(L + ".self_attn")),
     "hook_resid_mid": STap(at(L + ".post_attention_layernorm", index=1)),
-    "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,)),
+    "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,),
+                          shard="mlp"),
     "hook_mlp_out": STap(at(L + ".mlp")),
     "hook_resid_post": STap(resid_after),
     "ln_final.hook_out": STap(at("model.norm", index=0)),
