@@ -8,6 +8,9 @@ from dataclasses import replace
 from dmi.dims import Dims
 
 Shard = tuple[int, int, int, int]  # (row dim, start, stop, full size), as the capture file records it
+# Row dim -1: the rank holds one of `full` partial sums (a row-parallel projection before its
+# all-reduce, which SGLang fuses into the next residual add): part `start` of them; the row is their sum.
+PARTIAL = -1
 
 
 def rank_dims(full: Dims, tp_size: int) -> Dims:
@@ -19,10 +22,12 @@ def rank_dims(full: Dims, tp_size: int) -> Dims:
 
 
 def shard(kind: str | None, full: Dims, tp_size: int, tp_rank: int) -> Shard | None:
-    """The slice of a row split by `kind` (heads | kv_heads | mlp) that rank `tp_rank` holds;
-    None for a whole row."""
+    """The slice of a row split by `kind` (heads | kv_heads | mlp) that rank `tp_rank` holds, or its
+    part of a row every rank holds a partial sum of (kind "partial"); None for a whole row."""
     if tp_size == 1 or kind is None:
         return None
+    if kind == "partial":
+        return (PARTIAL, tp_rank, tp_rank + 1, tp_size)
     total = {"heads": full.n_heads, "kv_heads": full.n_kv_heads, "mlp": full.intermediate}[kind]
     if kind == "kv_heads" and total < tp_size:
         # Fewer kv heads than ranks: each is replicated over tp_size // total ranks in turn.

@@ -157,7 +157,7 @@ class SGLangAdapter(RemoteAdapter):
         if bare:
             spec = validate(spec, self.map)
         try:
-            rpc_ranks(self.engine, "open", spec=spec.to_json())
+            rpc_ranks(self.engine, "open", spec=spec.to_json(), family=self.map.table.family)
         except BaseException:
             # A rank that failed leaves the others open: close them, so no rank captures alone.
             try:
@@ -190,7 +190,7 @@ def rpc(engine, op: str, spec: str = "", timeout: float = -1.0) -> dict:
     return rpc_ranks(engine, op, spec, timeout)[0]
 
 
-def rpc_ranks(engine, op: str, spec: str = "", timeout: float = -1.0) -> list[dict]:
+def rpc_ranks(engine, op: str, spec: str = "", timeout: float = -1.0, **extra) -> list[dict]:
     """Every tensor-parallel rank's answer, in rank order: collective_rpc runs the op on each
     rank's scheduler, and rank r writes its answer beside rank 0's (control.reply_path)."""
     fd, reply = tempfile.mkstemp(prefix="dmi-sglang-", suffix=".json")
@@ -200,7 +200,7 @@ def rpc_ranks(engine, op: str, spec: str = "", timeout: float = -1.0) -> list[di
     answers = []
     try:
         try:
-            engine.collective_rpc(control.RPC_METHOD, op=op, reply=reply, spec=spec, timeout=timeout)
+            engine.collective_rpc(control.RPC_METHOD, op=op, reply=reply, spec=spec, timeout=timeout, **extra)
         except AssertionError as e:  # collective_rpc asserts on the scheduler's failure
             raise RemoteError(f"dmi: the SGLang scheduler failed {op!r}: {e}. Is the dmi plugin installed in the "
                               f"engine's environment (entry point sglang.srt.plugins)?") from None

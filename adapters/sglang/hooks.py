@@ -20,6 +20,7 @@ _DTYPE_SIZE = {"int64": 8, "int32": 4}
 class SBinding(Binding):
     tap: STap | None = None
     where: Where | None = None
+    factor: float | None = None  # the tap's scale on this model's config
 
 
 class HookMap:
@@ -28,7 +29,7 @@ class HookMap:
     their slices of those, since every rank holds the same whole rows."""
 
     def __init__(self, table: SGLangTable, hf_config, dtype_size: int = 4, dtype=None, tp_size: int = 1,
-                 tp_rank: int = 0):
+                 tp_rank: int = 0, model=None):
         self.table = table
         self.cfg = hf_config
         self.full_dims: Dims = table.dims(hf_config)
@@ -36,6 +37,7 @@ class HookMap:
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self.dtype_size = dtype_size
         self.dtype = dtype  # the model's torch dtype, known next to the model (row layouts for the plan)
+        self.model = model  # next to the model only: which outputs are partial sums under TP
 
     def offered(self) -> dict[str, tuple[STap, Where]]:
         out = {}
@@ -56,12 +58,25 @@ class HookMap:
                                             f"preset (resid, attn, mlp, all)")
         return names
 
+    def _split(self, tap: STap, where: Where) -> str | None:
+        """How rank rows of `tap` relate: its table's split, or, for a module whose row-parallel
+        projection leaves the all-reduce to the layer (SGLang fuses it into the next residual add),
+        "partial": every rank holds a partial sum. Known only next to the model; the caller validates
+        with rank 0's binding, the same either way."""
+        if tap.shard != "unreduced":
+            return tap.shard
+        if self.model is None or self.tp_size == 1:
+            return None
+        mod = self.model.get_submodule(where.module)
+        unreduced = any(getattr(c, "reduce_results", True) is False for c in mod.children())
+        return "partial" if unreduced else None
+
     def bind(self, patterns: list[str]) -> list[SBinding]:
         offered = self.offered()
         out = []
         for name in self.resolve(patterns):
             tap, where = offered[name]
-            piece = shard(tap.shard, self.full_dims, self.tp_size, self.tp_rank)
+            piece = shard(self._split(tap, where), self.full_dims, self.tp_size, self.tp_rank)
             if self.tp_rank > 0 and piece is None:
                 continue
             size = _DTYPE_SIZE.get(tap.dtype or "", self.dtype_size)
@@ -72,5 +87,6 @@ class HookMap:
             out.append(SBinding(name, f"{where.module}:{where.io}{idx}", math.prod(tap.shape(self.dims)) * size,
                                 row_shape=tuple(tap.shape(self.dims)) if dtype is not None else None, dtype=dtype,
                                 group=LOGITS if tap.view == "last_rows" else TOKENS, shard=piece,
-                                tap=tap, where=where))
+                                tap=tap, where=where,
+                                factor=float(tap.scale(self.cfg)) if tap.scale is not None else None))
         return out

@@ -38,7 +38,7 @@ class SGLangWorkerAdapter(Adapter):
         p = next(self.model.parameters(), None)
         self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4,
                            dtype=p.dtype if p is not None else torch.float32, tp_size=self.tp_size,
-                           tp_rank=self.tp_rank)
+                           tp_rank=self.tp_rank, model=self.model)
         self.model_path = model_path
         self.session = None
         self.coverage = Coverage(started=in_flight)
@@ -169,4 +169,7 @@ def _capture_one(adapter, s, i, b, args, kwargs, output) -> None:
     x = _pick(b, args, kwargs, output)
     if not isinstance(x, torch.Tensor):
         return
-    s.capture(i, _view(b, x.detach(), adapter.map.dims), flat=True)
+    x = x.detach()
+    if b.factor is not None:
+        x = x * b.factor
+    s.capture(i, _view(b, x, adapter.map.dims), flat=True)

@@ -1,7 +1,8 @@
 """SGLang tensor parallel (tp_size=2: two scheduler processes over gloo, one CPU core each): every
-rank captures its slice of the split hooks (q/k/v/z heads, MLP features) into its own file with
-shard attributes, rank 0 also the whole rows, and dmi.open merges the rank files into rows equal
-to HF's on the same weights (random norm weights; Qwen3's per-head q/k norms)."""
+rank captures its slice of the split hooks (q/k/v/z heads, MLP features) and its partial sum of the
+attention and MLP outputs into its own file with shard attributes, rank 0 also the whole rows, and
+dmi.open merges the rank files into rows equal to HF's on the same weights (random norm weights;
+Qwen3's per-head q/k norms)."""
 from __future__ import annotations
 
 import os
@@ -50,6 +51,10 @@ def test_tp2_ranks_merge_to_the_reference(tmp_path, monkeypatch):
         assert second.shard("blocks.1.attn.hook_k") == (0, 1, 2, 2)
         assert second.shard("blocks.0.mlp.hook_post") == (0, 64, 128, 128)
         assert first.shape("blocks.0.attn.hook_z") == (2, 32)
+        # SGLang leaves the attention's and MLP's all-reduce to the layer: each rank's module output
+        # is a partial sum (shard dim -1), which dmi.open adds up.
+        assert first.shard("blocks.0.hook_attn_out") == (-1, 0, 1, 2)
+        assert second.shard("blocks.1.hook_mlp_out") == (-1, 1, 2, 2)
     run = dmi.open(out)
     assert run.complete and run.tp_size == 2
     assert run.shape("blocks.0.attn.hook_q") == (4, 32) and run.shape("blocks.0.mlp.hook_post") == (128,)
