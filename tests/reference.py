@@ -75,6 +75,9 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
                     else layer.post_attention_layernorm
                 ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.gate_proj(ln2(mid))
                 ref[f"blocks.{i}.mlp.hook_pre_linear"] = layer.mlp.up_proj(ln2(mid))
+            elif hasattr(layer.mlp, "gate_up_proj"):  # Phi-3: [gate | up] in one projection
+                gate, up = layer.mlp.gate_up_proj(layer.post_attention_layernorm(mid)).chunk(2, dim=-1)
+                ref[f"blocks.{i}.mlp.hook_pre"], ref[f"blocks.{i}.mlp.hook_pre_linear"] = gate, up
         ref[f"blocks.{i}.attn.hook_z"] = rec[f"z{i}"][0].unflatten(-1, (H, D))
         if f"blocks.{i}.mlp.hook_post" in rec:
             ref[f"blocks.{i}.mlp.hook_post"] = rec[f"blocks.{i}.mlp.hook_post"][0]

@@ -145,6 +145,9 @@ def _view(b: SBinding, x: torch.Tensor, d) -> torch.Tensor:
         return x.reshape(-1, d.n_heads, d.head_dim)
     if v == "rows_kv_heads":
         return x.reshape(-1, d.n_kv_heads, d.head_dim)
+    if v in ("gate", "up"):
+        half = x.shape[-1] // 2
+        return x[:, :half] if v == "gate" else x[:, half:]
     q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     if v == "q":
         return x[:, :q].unflatten(-1, (d.n_heads, d.head_dim))

@@ -31,7 +31,7 @@ L = "model.layers.{L}"
 class VTap:
     module: str                  # dotted path from the causal-LM root; "{L}" is the layer
     read: str                    # out | out_sum | in0 | in_sum | resid_in | ret0 | ret1  (see read())
-    view: str | None = None      # heads | kv_heads | qkv:<0|1|2>
+    view: str | None = None      # heads | kv_heads | qkv:<0|1|2> | gate | up (fused gate_up_proj halves)
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dense_only: bool = False     # only on layers with a dense MLP (MoE models)
     sparse_only: bool = False    # only on MoE layers
@@ -60,6 +60,12 @@ def llama_like(mlp: str = "mlp") -> dict[str, VTap]:
         "attn.hook_z": VTap(L + ".self_attn.o_proj", "in0", view="heads", shape=q_row, shard="heads"),
         "hook_attn_out": VTap(L + ".self_attn", "out"),
         "hook_resid_mid": VTap(L + ".post_attention_layernorm", "in_sum"),
+        # gate_up_proj emits [gate | up] (on this rank's features under TP): TransformerLens's
+        # pre-activation is the gate half, hook_pre_linear the up half.
+        "mlp.hook_pre": VTap(M + ".gate_up_proj", "out", view="gate", shape=lambda d: (d.intermediate,),
+                             dense_only=True, shard="mlp"),
+        "mlp.hook_pre_linear": VTap(M + ".gate_up_proj", "out", view="up", shape=lambda d: (d.intermediate,),
+                                    dense_only=True, shard="mlp"),
         "mlp.hook_post": VTap(M + ".down_proj", "in0", shape=lambda d: (d.intermediate,), dense_only=True,
                               shard="mlp"),
         "hook_mlp_out": VTap(M, "out"),
@@ -133,7 +139,8 @@ GRANITE = {
     "hook_mlp_out": VTap(L + ".mlp", "out", scale=_residual_multiplier),
     "hook_resid_post": VTap(L, "out"),
 }
-MIXTRAL = {k: v for k, v in llama_like("block_sparse_moe").items() if k != "mlp.hook_post"}
+MIXTRAL = {k: v for k, v in llama_like("block_sparse_moe").items()
+           if k not in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")}
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,9 @@ def read(tap: VTap, dims: Dims, args: tuple, kwargs: dict, out, factor: float | 
         return x.reshape(n, dims.n_heads, dims.head_dim)
     if v == "kv_heads":
         return x.reshape(n, dims.n_kv_heads, dims.head_dim)
+    if v in ("gate", "up"):
+        half = x.shape[-1] // 2
+        return x[:, :half] if v == "gate" else x[:, half:]
     part = int(v.split(":")[1])
     q, kv = dims.n_heads * dims.head_dim, dims.n_kv_heads * dims.head_dim
     start = (0, q, q + kv)[part]

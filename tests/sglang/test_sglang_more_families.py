@@ -13,11 +13,11 @@ pytestmark = pytest.mark.sglang
 
 PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23]]
 FAMILIES = {
-    "phi3": {"attn.hook_q", "attn.hook_z", "mlp.hook_post"},
+    "phi3": {"attn.hook_q", "attn.hook_z", "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"},
     "mixtral": {"mlp.hook_router_logits", "mlp.hook_topk_ids", "mlp.hook_topk_weights"},
-    "gemma2": {"attn.hook_q", "hook_attn_out", "mlp.hook_post"},
+    "gemma2": {"attn.hook_q", "hook_attn_out", "mlp.hook_pre", "mlp.hook_post"},
     "gemma3_text": {"attn.hook_q", "attn.hook_k", "hook_attn_out"},
-    "granite": {"hook_attn_out", "hook_mlp_out", "mlp.hook_post"},
+    "granite": {"hook_attn_out", "hook_mlp_out", "mlp.hook_pre_linear", "mlp.hook_post"},
 }
 
 

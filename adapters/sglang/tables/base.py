@@ -28,7 +28,8 @@ class Where:
 @dataclass(frozen=True)
 class STap:
     where: Callable[[int | None, Dims], Where]   # (layer, dims) -> where to read it
-    view: str | None = None   # heads | kv_heads | rows_heads | rows_kv_heads | q | k | v (fused qkv) | last_rows
+    view: str | None = None   # heads | kv_heads | rows_heads | rows_kv_heads | q | k | v (fused qkv) | gate | up
+    #                           (fused gate_up halves) | last_rows
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dtype: str | None = None  # fixed dtype (router ids); None: the model's
     # tensor parallel: heads | kv_heads | mlp split across ranks (dmi.tp); unreduced: a module output
@@ -88,6 +89,11 @@ LLAMA_LIKE: dict[str, STap] = {
     # (under TP, a partial sum per rank where the layer does the all-reduce: see HookMap._split)
     "hook_attn_out": STap(at(L + ".self_attn"), shard="unreduced"),
     "hook_resid_mid": STap(at(L + ".post_attention_layernorm", index=1)),
+    # gate_up_proj returns ([gate | up], bias) (this rank's features under TP)
+    "mlp.hook_pre": STap(at(L + ".mlp.gate_up_proj", index=0), view="gate", shape=lambda d: (d.intermediate,),
+                         shard="mlp"),
+    "mlp.hook_pre_linear": STap(at(L + ".mlp.gate_up_proj", index=0), view="up", shape=lambda d: (d.intermediate,),
+                                shard="mlp"),
     "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,),
                           shard="mlp"),
     "hook_mlp_out": STap(at(L + ".mlp"), shard="unreduced"),

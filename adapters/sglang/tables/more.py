@@ -10,7 +10,8 @@ PHI3 = SGLangTable(family="phi3", architectures=("Phi3ForCausalLM",), taps=dict(
 # Mixtral: every layer a MoE block `block_sparse_moe`; `gate` returns (router logits, bias),
 # `topk` a named tuple (weights, ids, ...).
 MIXTRAL = SGLangTable(family="mixtral", architectures=("MixtralForCausalLM",), taps={
-    **{k: v for k, v in LLAMA_LIKE.items() if k not in ("mlp.hook_post", "hook_mlp_out")},
+    **{k: v for k, v in LLAMA_LIKE.items()
+       if k not in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out")},
     "hook_mlp_out": STap(at(L + ".block_sparse_moe"), shard="unreduced"),
     "mlp.hook_router_logits": STap(at(L + ".block_sparse_moe.gate", index=0), shape=lambda d: (d.n_experts,)),
     "mlp.hook_topk_weights": STap(at(L + ".block_sparse_moe.topk", index=0), shape=lambda d: (d.top_k,)),
