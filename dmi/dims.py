@@ -42,6 +42,6 @@ def llama_like_dims(cfg) -> Dims:
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         intermediate=getattr(cfg, "intermediate_size", 0) or 0,
         vocab=cfg.vocab_size,
-        n_experts=getattr(cfg, "num_experts", 0) or 0,
+        n_experts=getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0) or 0,  # (Mixtral)
         top_k=getattr(cfg, "num_experts_per_tok", 0) or 0,
     )

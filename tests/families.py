@@ -44,12 +44,13 @@ FAMILIES = {
 }
 
 
-def tiny_family_model(family: str, seed: int = 0, attn: str = "eager"):
-    """A random tiny model of `family`, float32, eval, with norm weights and biases off their defaults."""
+def tiny_family_model(family: str, seed: int = 0, attn: str = "eager", **overrides):
+    """A random tiny model of `family`, float32, eval, with norm weights and biases off their defaults.
+    `overrides`: config fields over the family's (engine tests widen heads to what engines run)."""
     import transformers as tf
 
     cls, extra = FAMILIES[family]
-    cfg = getattr(tf, cls)(**{**COMMON, **extra})
+    cfg = getattr(tf, cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -61,3 +62,20 @@ def tiny_family_model(family: str, seed: int = 0, attn: str = "eager"):
                 for name, p in mod.named_parameters(recurse=False):
                     p.add_(0.3 * torch.randn_like(p))
     return model
+
+
+# What the vLLM and SGLang CPU builds run: head_dim 32 (vLLM's CPU attention takes no smaller) and
+# q/kv heads that split over two tensor-parallel ranks.
+ENGINE_DIMS = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=128,
+                   max_position_embeddings=512)
+
+
+def save_family_model(family: str, out_dir, seed: int = 0, **overrides):
+    """tiny_family_model at engine dimensions, saved for an engine to load (safetensors, float32);
+    returns the folder. Norm weights and biases are random, so the engines' fused norms are checked."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if not (out / "config.json").exists():
+        tiny_family_model(family, seed=seed, **{**ENGINE_DIMS, **overrides}).save_pretrained(out)
+    return out

@@ -18,7 +18,14 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
 
     for i, layer in enumerate(layers):
         attn = layer.attn if gpt2 else layer.self_attn
-        handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out", lambda a, o: o[0])))
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma 2/3: the post-norm's output joins the stream
+        mult = getattr(cfg, "residual_multiplier", None) or 1.0  # Granite scales it where it joins
+        if sandwich:
+            handles.append(layer.post_attention_layernorm.register_forward_hook(
+                keep(f"blocks.{i}.hook_attn_out", lambda a, o: o)))
+        else:
+            handles.append(attn.register_forward_hook(keep(f"blocks.{i}.hook_attn_out",
+                                                           lambda a, o, m=mult: o[0] * m)))
         handles.append(layer.register_forward_hook(keep(f"blocks.{i}.hook_resid_post", lambda a, o: o if torch.is_tensor(o) else o[0])))
         oproj = attn.c_proj if gpt2 else attn.o_proj
         handles.append(oproj.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(f"z{i}", a[0])))
@@ -64,8 +71,13 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
             if gpt2:
                 ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.c_fc(layer.ln_2(mid))
             elif hasattr(layer.mlp, "gate_proj"):
-                ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.gate_proj(layer.post_attention_layernorm(mid))
-                ref[f"blocks.{i}.mlp.hook_pre_linear"] = layer.mlp.up_proj(layer.post_attention_layernorm(mid))
+                ln2 = layer.pre_feedforward_layernorm if hasattr(layer, "pre_feedforward_layernorm") \
+                    else layer.post_attention_layernorm
+                ref[f"blocks.{i}.mlp.hook_pre"] = layer.mlp.gate_proj(ln2(mid))
+                ref[f"blocks.{i}.mlp.hook_pre_linear"] = layer.mlp.up_proj(ln2(mid))
+            elif hasattr(layer.mlp, "gate_up_proj"):  # Phi-3: [gate | up] in one projection
+                gate, up = layer.mlp.gate_up_proj(layer.post_attention_layernorm(mid)).chunk(2, dim=-1)
+                ref[f"blocks.{i}.mlp.hook_pre"], ref[f"blocks.{i}.mlp.hook_pre_linear"] = gate, up
         ref[f"blocks.{i}.attn.hook_z"] = rec[f"z{i}"][0].unflatten(-1, (H, D))
         if f"blocks.{i}.mlp.hook_post" in rec:
             ref[f"blocks.{i}.mlp.hook_post"] = rec[f"blocks.{i}.mlp.hook_post"][0]
@@ -76,9 +88,11 @@ def reference(model, seq: list[int]) -> dict[str, torch.Tensor]:
                 q, k, v = layer.attn.c_attn(layer.ln_1(pre)).split(cfg.n_embd, dim=-1)
             else:
                 x = layer.input_layernorm(pre)
-                q = layer.self_attn.q_proj(x).unflatten(-1, (H, D))
-                k = layer.self_attn.k_proj(x).unflatten(-1, (KV, D))
-                v = layer.self_attn.v_proj(x)
+                if hasattr(layer.self_attn, "qkv_proj"):  # Phi-3: q heads, then k heads, then v heads
+                    q, k, v = layer.self_attn.qkv_proj(x).split([H * D, KV * D, KV * D], dim=-1)
+                else:
+                    q, k, v = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x)
+                q, k = q.unflatten(-1, (H, D)), k.unflatten(-1, (KV, D))
                 if hasattr(layer.self_attn, "q_norm"):
                     q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
         ref[f"blocks.{i}.attn.hook_q"] = q.reshape(len(seq), H, D)

@@ -13,14 +13,15 @@ from dmi.sinks.hdf5 import HDF5Sink
 
 HEADS, KV, D, MLP = 4, 1, 3, 6
 # rank -> hook -> shard; kv has one head, so both ranks hold (replicate) it
+# hook_attn_out: each rank holds a partial sum (SGLang's unreduced attention output), half the row
 SHARDS = {
     0: {"blocks.0.attn.hook_q": (0, 0, 2, HEADS), "blocks.0.attn.hook_k": (0, 0, 1, KV),
-        "blocks.0.mlp.hook_post": (0, 0, 3, MLP)},
+        "blocks.0.mlp.hook_post": (0, 0, 3, MLP), "blocks.0.hook_attn_out": (-1, 0, 1, 2)},
     1: {"blocks.0.attn.hook_q": (0, 2, 4, HEADS), "blocks.0.attn.hook_k": (0, 0, 1, KV),
-        "blocks.0.mlp.hook_post": (0, 3, 6, MLP)},
+        "blocks.0.mlp.hook_post": (0, 3, 6, MLP), "blocks.0.hook_attn_out": (-1, 1, 2, 2)},
 }
 FULL_SHAPES = {"blocks.0.hook_resid_post": (5,), "blocks.0.attn.hook_q": (HEADS, D), "blocks.0.attn.hook_k": (KV, D),
-               "blocks.0.mlp.hook_post": (MLP,)}
+               "blocks.0.hook_attn_out": (5,), "blocks.0.mlp.hook_post": (MLP,)}
 # (step, request, positions): "a" prefills 3 rows, then both decode
 STEPS = [(0, "a", [0, 1, 2]), (1, "a", [3]), (1, "b", [0, 1]), (2, "a", [4]), (2, "b", [2]), (3, "b", [3])]
 DROPPED = ("blocks.0.attn.hook_q", "a", 3)   # rank 1's ring was full for this row
@@ -46,7 +47,9 @@ def _write_rank(path, rank, full):
             if not keep:
                 continue
             rows = torch.stack([full[h][(req, p)] for p in keep])
-            if shard is not None:
+            if shard is not None and shard[0] == -1:
+                rows = rows / 2  # (exact: the merge's sum gives the row back bit for bit)
+            elif shard is not None:
                 rows = rows.narrow(shard[0] + 1, shard[1], shard[2] - shard[1])
             info = HookInfo(h, "float32", tuple(rows.shape[1:]), shard=shard)
             sink.write(RowBlock(info, rows.numpy(), [req] * len(keep), np.array(keep), np.full(len(keep), step)))

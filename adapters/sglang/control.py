@@ -11,6 +11,7 @@ import logging
 import os
 
 from dmi.errors import EngineNotSupportedError, SessionStateError
+from dmi.tp import rank_sink
 
 log = logging.getLogger("dmi")
 
@@ -52,7 +53,8 @@ def in_flight(scheduler) -> set[str]:
     return {str(r.rid) for r in reqs if getattr(r, "rid", None) is not None}
 
 
-def open_session(spec_json: str, at_start: bool = False, scheduler=None) -> dict:
+def open_session(spec_json: str, at_start: bool = False, scheduler=None, family: str = "") -> dict:
+    """`family`: the table the caller validated the spec against ("" when armed from DMI_SPEC)."""
     from dmi import plugins
     from dmi.session import Session
     from dmi.spec import CaptureSpec
@@ -74,15 +76,36 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None) -> dict
     spec = CaptureSpec.parse(spec_json)
     cfg = runner.model_config.hf_config
     table = table_for(cfg, plugins.arch_tables("sglang"))  # built-ins and any plugin's tables
-    if table is None:
+    if table is None or (family and table.family != family):
         arch = (getattr(cfg, "architectures", None) or ["?"])[0]
-        raise EngineNotSupportedError(f"dmi has no SGLang architecture table for {arch!r}")
+        have = "no SGLang architecture table" if table is None else f"table {table.family!r}"
+        want = f", but the caller validated the spec against table {family!r}" if family else ""
+        raise EngineNotSupportedError(
+            f"dmi: this SGLang scheduler process has {have} for {arch!r}{want}. A table registered at run time "
+            f"(dmi.plugins.manager().register) reaches only its own process; ship it in a package with a `dmi` "
+            f"entry point (dmi_arch_tables) so the scheduler loads it too")
+    tp_size, rank = tp_rank()
     adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
-                                  in_flight=in_flight(scheduler))
-    session = Session(runner, adapter, spec, plugins.sink_for(spec.sink))
+                                  in_flight=in_flight(scheduler), tp=(tp_size, rank))
+    session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start)
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
-    return {"hooks": session.names}
+    return {"hooks": session.names, "rank": rank}
+
+
+def tp_rank() -> tuple[int, int]:
+    """(tensor-parallel size, this scheduler's rank in it): every rank runs its own scheduler."""
+    from sglang.srt.distributed import parallel_state as ps
+
+    try:
+        return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    except (AssertionError, AttributeError):  # no parallel groups initialised: one process
+        return 1, 0
+
+
+def reply_path(reply: str, rank: int) -> str:
+    """Where rank `rank` writes its answer: every rank's scheduler runs the same RPC."""
+    return reply if rank == 0 else f"{reply}.rank{rank}"
 
 
 def arm_from_env() -> None:
@@ -109,13 +132,13 @@ def flush_if_idle(scheduler) -> None:
     _STATE["flushed_step"] = s.step
 
 
-def handle(op: str, spec: str = "", timeout: float = -1.0, scheduler=None) -> dict:
+def handle(op: str, spec: str = "", timeout: float = -1.0, scheduler=None, family: str = "") -> dict:
     s = _STATE["session"]
     if op == "status":
         return {"open": s is not None, "armed_at_start": _STATE["armed_at_start"], "arm_error": _STATE.get("arm_error"),
                 "spec": s.spec.to_json() if s is not None else None}
     if op == "open":
-        return open_session(spec, scheduler=scheduler)
+        return open_session(spec, scheduler=scheduler, family=family)
     if s is None:
         if op == "close":
             return {"stats": None}
@@ -132,16 +155,17 @@ def handle(op: str, spec: str = "", timeout: float = -1.0, scheduler=None) -> di
     raise ValueError(f"dmi: unknown control op {op!r}")
 
 
-def rpc(scheduler, op: str, reply: str, spec: str = "", timeout: float = -1.0) -> None:
+def rpc(scheduler, op: str, reply: str, spec: str = "", timeout: float = -1.0, family: str = "") -> None:
     """Scheduler method behind collective_rpc("dmi_control", ...). Errors travel back as the
     RPC's message, prefixed with their type so the caller can raise the same kind."""
     try:
-        out = handle(op, spec, timeout, scheduler)
+        out = handle(op, spec, timeout, scheduler, family)
         err = None
     except Exception as e:
         out, err = None, {"type": type(e).__name__, "message": str(e), "value_error": isinstance(e, ValueError)}
         log.error("dmi: %s failed: %s", op, e)
     if reply:
+        reply = reply_path(reply, tp_rank()[1])
         tmp = reply + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"ok": err is None, "result": out, "error": err}, f, default=str)

@@ -22,6 +22,7 @@ from dmi.errors import (
 from dmi.remote import RemoteAdapter, RemoteSession
 from dmi.ring import PayloadRing
 from dmi.spec import CaptureSpec
+from dmi.tp import rank_sink
 
 from . import control
 from .hooks import HookMap
@@ -40,7 +41,12 @@ def check_version() -> str:
     return v
 
 
-def hook_map(model_path: str, tables=None) -> HookMap:
+def tp_size_of(engine) -> int:
+    return int(getattr(engine.server_args, "tp_size", 1) or 1)
+
+
+def hook_map(model_path: str, tables=None, tp_size: int = 1) -> HookMap:
+    """Rank 0's hooks (every hook, its slice of the split ones): what the caller validates."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_path)
@@ -49,7 +55,7 @@ def hook_map(model_path: str, tables=None) -> HookMap:
     arch = (getattr(cfg, "architectures", None) or ["?"])[0]
     for t in tables or BUILTIN_TABLES:
         if arch in t.architectures:
-            return HookMap(t, cfg)
+            return HookMap(t, cfg, tp_size=tp_size)
     known = sorted(a for t in (tables or BUILTIN_TABLES) for a in t.architectures)
     raise EngineNotSupportedError(f"dmi has no SGLang architecture table for {arch!r}; known: {', '.join(known)}")
 
@@ -77,10 +83,12 @@ def validate(spec: CaptureSpec, hmap: HookMap) -> CaptureSpec:
         hmap.resolve(spec.degrade.fallback.hooks)
     spec = absolute_sink(spec)
     plugins.sink_for(spec.sink)  # a bad path fails here; nothing is created before open()
+    if hmap.tp_size > 1:
+        rank_sink(spec.sink, 1, hmap.tp_size)  # every rank past 0 names its file the same way
     return spec
 
 
-def validate_env_spec(model_path: str | None) -> None:
+def validate_env_spec(model_path: str | None, tp_size: int = 1) -> None:
     """DMI_SPEC, checked where the engine is constructed; rewritten with an absolute sink path
     so the scheduler (which inherits the environment) writes where the user meant."""
     raw = os.environ.get(control.ENV_SPEC)
@@ -92,7 +100,7 @@ def validate_env_spec(model_path: str | None) -> None:
         raise SpecError(e.field, f"in the environment variable {control.ENV_SPEC}: {e}") from None
     from dmi import plugins
 
-    spec = validate(spec, hook_map(model_path, plugins.arch_tables("sglang")))
+    spec = validate(spec, hook_map(model_path, plugins.arch_tables("sglang"), tp_size))
     os.environ[control.ENV_SPEC] = spec.to_json()
 
 
@@ -104,15 +112,22 @@ class SGLangAdapter(RemoteAdapter):
         check_version()
         args = engine.server_args
         self.model_path = args.model_path
-        for name in ("tp_size", "pp_size", "dp_size"):
+        for name in ("pp_size", "dp_size"):
             n = getattr(args, name, 1) or 1
             if n != 1:
-                raise EngineNotSupportedError(f"dmi's SGLang adapter captures in one scheduler process; this engine "
-                                              f"has {name}={n}. Use {name}=1")
+                # Pipeline stages hold different layers, data-parallel schedulers different requests;
+                # dmi.open merges only tensor-parallel slices, so refuse rather than mislead.
+                raise EngineNotSupportedError(f"dmi's SGLang adapter captures tensor-parallel engines (any tp_size) "
+                                              f"but not pipeline or data parallel ones; this engine has {name}={n}. "
+                                              f"Use {name}=1")
+        if getattr(args, "enable_dp_attention", False):
+            raise EngineNotSupportedError("dmi's SGLang adapter does not attribute rows under data-parallel attention "
+                                          "(enable_dp_attention); start the engine without it")
+        self.tp_size = tp_size_of(engine)
         if getattr(args, "speculative_algorithm", None):
             raise EngineNotSupportedError("dmi's SGLang adapter does not attribute speculative decoding's verify "
                                           "steps; start the engine without speculative_algorithm")
-        self.map = hook_map(self.model_path, tables)
+        self.map = hook_map(self.model_path, tables, self.tp_size)
 
     def describe(self):
         return self.model_path, self.map.cfg.to_dict()
@@ -141,19 +156,29 @@ class SGLangAdapter(RemoteAdapter):
                                     f"{status['arm_error']}")
         if bare:
             spec = validate(spec, self.map)
-        rpc(self.engine, "open", spec=spec.to_json())
+        try:
+            rpc_ranks(self.engine, "open", spec=spec.to_json(), family=self.map.table.family)
+        except BaseException:
+            # A rank that failed leaves the others open: close them, so no rank captures alone.
+            try:
+                rpc_ranks(self.engine, "close")
+            except Exception:  # noqa: BLE001  (the open's error is the one to report)
+                pass
+            raise
         return SGLangSession(self.engine, self, spec)
 
 
 class SGLangSession(RemoteSession):
+    """One scheduler per tensor-parallel rank; stats and close answer per rank."""
+
     def _rpc_stats(self) -> list[dict]:
-        return [rpc(self.engine, "stats")["stats"]]
+        return [r["stats"] for r in rpc_ranks(self.engine, "stats")]
 
     def _rpc_flush(self, timeout: float | None) -> None:
-        rpc(self.engine, "flush", timeout=-1.0 if timeout is None else float(timeout))
+        rpc_ranks(self.engine, "flush", timeout=-1.0 if timeout is None else float(timeout))
 
     def _rpc_close(self) -> list[dict]:
-        return [rpc(self.engine, "close")["stats"]]
+        return [r["stats"] for r in rpc_ranks(self.engine, "close")]
 
 
 class RemoteError(DmiError):
@@ -161,22 +186,38 @@ class RemoteError(DmiError):
 
 
 def rpc(engine, op: str, spec: str = "", timeout: float = -1.0) -> dict:
+    """Rank 0's answer (every rank ran the op; a failure on any raises)."""
+    return rpc_ranks(engine, op, spec, timeout)[0]
+
+
+def rpc_ranks(engine, op: str, spec: str = "", timeout: float = -1.0, **extra) -> list[dict]:
+    """Every tensor-parallel rank's answer, in rank order: collective_rpc runs the op on each
+    rank's scheduler, and rank r writes its answer beside rank 0's (control.reply_path)."""
     fd, reply = tempfile.mkstemp(prefix="dmi-sglang-", suffix=".json")
     os.close(fd)
     os.unlink(reply)
+    paths = [control.reply_path(reply, r) for r in range(tp_size_of(engine))]
+    answers = []
     try:
         try:
-            engine.collective_rpc(control.RPC_METHOD, op=op, reply=reply, spec=spec, timeout=timeout)
+            engine.collective_rpc(control.RPC_METHOD, op=op, reply=reply, spec=spec, timeout=timeout, **extra)
         except AssertionError as e:  # collective_rpc asserts on the scheduler's failure
             raise RemoteError(f"dmi: the SGLang scheduler failed {op!r}: {e}. Is the dmi plugin installed in the "
                               f"engine's environment (entry point sglang.srt.plugins)?") from None
-        if not os.path.exists(reply):
-            raise RemoteError(f"dmi: the SGLang scheduler did not answer {op!r}; is the dmi plugin loaded there?")
-        with open(reply) as f:
-            answer = json.load(f)
+        for rank, path in enumerate(paths):
+            if not os.path.exists(path):
+                raise RemoteError(f"dmi: the SGLang scheduler of tensor-parallel rank {rank} did not answer {op!r}; "
+                                  f"is the dmi plugin loaded there?")
+            with open(path) as f:
+                answers.append(json.load(f))
     finally:
-        if os.path.exists(reply):
-            os.unlink(reply)
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+    return [_result(op, a, rank) for rank, a in enumerate(answers)]
+
+
+def _result(op: str, answer: dict, rank: int) -> dict:
     if not answer["ok"]:
         err = answer["error"]
         cls = {"CudaGraphAttachError": control.CudaGraphAttachError,
@@ -185,5 +226,6 @@ def rpc(engine, op: str, spec: str = "", timeout: float = -1.0) -> dict:
             raise cls(err["message"])
         if err["value_error"]:
             raise ValueError(err["message"])
-        raise RemoteError(f"dmi: the SGLang scheduler failed {op!r}: {err['type']}: {err['message']}")
+        where = f" (tensor-parallel rank {rank})" if rank else ""
+        raise RemoteError(f"dmi: the SGLang scheduler{where} failed {op!r}: {err['type']}: {err['message']}")
     return answer["result"]

@@ -50,7 +50,7 @@ def _add_rpc_method() -> None:
 def _validate_env_spec(result, self, *args, **kwargs):
     from .frontend import validate_env_spec
 
-    validate_env_spec(getattr(self, "model_path", None))
+    validate_env_spec(getattr(self, "model_path", None), int(getattr(self, "tp_size", 1) or 1))
     return result
 
 

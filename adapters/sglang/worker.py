@@ -29,14 +29,16 @@ def table_for(hf_config, tables=BUILTIN_TABLES):
 class SGLangWorkerAdapter(Adapter):
     engine_name = "sglang"
 
-    def __init__(self, runner, table, model_path: str = "", in_flight=()):
+    def __init__(self, runner, table, model_path: str = "", in_flight=(), tp: tuple[int, int] = (1, 0)):
         super().__init__(runner)
         self.runner = runner
         self.model = runner.model
         self.hf_config = runner.model_config.hf_config
+        self.tp_size, self.tp_rank = tp
         p = next(self.model.parameters(), None)
         self.map = HookMap(table, self.hf_config, p.element_size() if p is not None else 4,
-                           dtype=p.dtype if p is not None else torch.float32)
+                           dtype=p.dtype if p is not None else torch.float32, tp_size=self.tp_size,
+                           tp_rank=self.tp_rank, model=self.model)
         self.model_path = model_path
         self.session = None
         self.coverage = Coverage(started=in_flight)
@@ -49,6 +51,9 @@ class SGLangWorkerAdapter(Adapter):
 
     def describe(self) -> tuple[str, dict]:
         return self.model_path or type(self.model).__name__, self.hf_config.to_dict()
+
+    def run_attrs(self) -> dict:
+        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size} if self.tp_size > 1 else {}
 
     def resolve(self, patterns):
         return self.map.resolve(patterns)
@@ -140,6 +145,9 @@ def _view(b: SBinding, x: torch.Tensor, d) -> torch.Tensor:
         return x.reshape(-1, d.n_heads, d.head_dim)
     if v == "rows_kv_heads":
         return x.reshape(-1, d.n_kv_heads, d.head_dim)
+    if v in ("gate", "up"):
+        half = x.shape[-1] // 2
+        return x[:, :half] if v == "gate" else x[:, half:]
     q, kv = d.n_heads * d.head_dim, d.n_kv_heads * d.head_dim
     if v == "q":
         return x[:, :q].unflatten(-1, (d.n_heads, d.head_dim))
@@ -164,4 +172,7 @@ def _capture_one(adapter, s, i, b, args, kwargs, output) -> None:
     x = _pick(b, args, kwargs, output)
     if not isinstance(x, torch.Tensor):
         return
-    s.capture(i, _view(b, x.detach(), adapter.map.dims), flat=True)
+    x = x.detach()
+    if b.factor is not None:
+        x = x * b.factor
+    s.capture(i, _view(b, x, adapter.map.dims), flat=True)

@@ -8,6 +8,7 @@ import torch
 
 from dmi.adapter import Binding
 from dmi.errors import SpecError
+from dmi.tp import rank_sink  # noqa: F401  (re-exported: the vLLM adapter's callers name it here)
 from dmi.hooknames import canonical_names, resolve, split_layer
 from dmi.plan import LOGITS, TOKENS
 
@@ -18,6 +19,7 @@ from .tables import VllmTable, VTap, dense_layers, rank_dims, row_bytes, shard_o
 class VBinding(Binding):
     tap: VTap | None = None
     path: str = ""
+    factor: float | None = None  # the tap's scale on this model's config
 
 
 class Hooks:
@@ -31,6 +33,7 @@ class Hooks:
         self.dims = rank_dims(self.full_dims, tp_size)
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self.dtype = dtype
+        self.hf_config = hf_config
         dense = dense_layers(hf_config, self.dims.n_layers)
         self.offered: dict[str, tuple[VTap, str]] = {}
         for name in canonical_names(self.full_dims.n_layers):
@@ -60,19 +63,6 @@ class Hooks:
             source = f"{path}.{tap.method}:return" if tap.method else f"{path}:{'input' if tap.pre else 'output'}"
             out.append(VBinding(name, source, row_bytes(tap, self.dims, self.dtype), shard=shard, tap=tap, path=path,
                                 row_shape=tuple(tap.shape(self.dims)), dtype=tap.dtype or self.dtype,
-                                group=LOGITS if name == "hook_logits" else TOKENS))
+                                group=LOGITS if name == "hook_logits" else TOKENS,
+                                factor=float(tap.scale(self.hf_config)) if tap.scale is not None else None))
         return out
-
-
-def rank_sink(sink, rank: int, tp_size: int):
-    """The sink tensor-parallel rank `rank` writes: rank 0 the spec's, rank r "<path>.rank<r>"
-    beside it (dmi.open finds them there)."""
-    if rank == 0:
-        return sink
-    if isinstance(sink, str):
-        return f"{sink}.rank{rank}"
-    if isinstance(sink, dict) and "path" in sink:
-        return {**sink, "path": f"{sink['path']}.rank{rank}"}
-    raise SpecError("sink", f"this engine runs {tp_size} tensor-parallel ranks and each writes its own file "
-                            f"(<path>.rank<r> beside rank 0's); give the sink as a path, or a dict with "
-                            f"'path', not {sink!r}")

@@ -99,7 +99,7 @@ class VllmSession(RemoteSession):
                                        "(closed already, or the vllm.general_plugins entry point of dmi is missing)")
                 self.hooks = self.adapter.resolve(spec.hooks)
             else:
-                opened = [json.loads(r) for r in self._call("dmi_open", spec.to_json())]
+                opened = [json.loads(r) for r in self._call("dmi_open", spec.to_json(), adapter.hooks.table.family)]
                 self.hooks = opened[0]["hooks"]
         except BaseException:
             from dmi.session import _ARMED

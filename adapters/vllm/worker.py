@@ -50,16 +50,14 @@ class WorkerSession(Session):
 class WorkerAdapter(Adapter):
     engine_name = "vllm"
 
-    def __init__(self, worker):
+    def __init__(self, worker, family: str | None = None):
         runner = worker.model_runner
         super().__init__(runner)
         self.worker = worker
         self.runner = runner
         cfg = runner.model_config
         self.hf_config = cfg.hf_config
-        table = table_for(self.hf_config.model_type)
-        if table is None:
-            raise ValueError(f"dmi has no vLLM table for model_type {self.hf_config.model_type!r}")
+        table = worker_table(self.hf_config.model_type, family)
         self.tp_size, self.tp_rank = tp_rank_of(worker)
         self.hooks = Hooks(table, self.hf_config, cfg.dtype, self.tp_size, self.tp_rank)
         self.dims = self.hooks.dims
@@ -201,13 +199,36 @@ class WorkerAdapter(Adapter):
         self._in_step = True
 
     def _hook(self, i: int, b: VBinding, args, kwargs, out) -> None:
-        x = read(b.tap, self.dims, args, kwargs, out)
+        x = read(b.tap, self.dims, args, kwargs, out, b.factor)
         if x is None:
             return
         if torch.compiler.is_compiling():  # traced: one dmi::capture node reading the plan's tensors
             capture_op(self._ring, x, self._control.rows, self._control.ctrl, i)
         elif self.session is not None:
             self.session.capture(i, x, flat=True)
+
+
+def worker_table(model_type: str, family: str | None = None):
+    """This process's table for the model: the built-ins and every plugin's (dmi_arch_tables), looked
+    up exactly as the caller's process does. `family`: the table the caller validated the spec
+    against; a worker that resolves another (a plugin registered only in the caller's process)
+    refuses rather than capture different rows under the same names."""
+    from dmi import plugins
+    from dmi.errors import EngineNotSupportedError
+
+    tables = plugins.arch_tables("vllm")
+    table = table_for(model_type, tables)
+    if table is not None and (family is None or table.family == family):
+        return table
+    reach = ("A table registered at run time (dmi.plugins.manager().register) reaches only its own process; "
+             "ship it in a package with a `dmi` entry point (dmi_arch_tables) so every vLLM process loads it")
+    if table is None:
+        known = sorted({t for tb in tables for t in tb.model_types})
+        raise EngineNotSupportedError(f"dmi has no vLLM architecture table for model_type {model_type!r} in this "
+                                      f"worker process (known: {', '.join(known)}). {reach}")
+    raise EngineNotSupportedError(f"dmi: this vLLM worker process resolves model_type {model_type!r} to table "
+                                  f"{table.family!r}, but the caller validated the spec against table {family!r}. "
+                                  f"{reach}")
 
 
 # -- the worker's RPC methods (added to vLLM's worker class by vllm_plugin) ---------------
@@ -224,7 +245,7 @@ def tp_rank_of(worker) -> tuple[int, int]:
     return size, get_tensor_model_parallel_rank()
 
 
-def open_session(worker, spec_json: str) -> str:
+def open_session(worker, spec_json: str, family: str | None = None) -> str:
     from dmi import plugins
     from dmi.errors import SessionStateError
     from dmi.spec import CaptureSpec
@@ -232,7 +253,7 @@ def open_session(worker, spec_json: str) -> str:
     if id(worker) in _SESSIONS:
         raise SessionStateError("this vLLM worker already has an open dmi session")
     spec = CaptureSpec.parse(json.loads(spec_json))
-    adapter = WorkerAdapter(worker)
+    adapter = WorkerAdapter(worker, family)
     tp_size, rank = tp_rank_of(worker)
     sink = plugins.sink_for(rank_sink(spec.sink, rank, tp_size))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)

@@ -1,6 +1,7 @@
 """A tensor-parallel run read as one: rank 0's file plus "<path>.rank<r>" for each other rank.
 
-Under tensor parallelism each rank holds a slice of some rows (attention heads, MLP features)
+Under tensor parallelism each rank holds a slice of some rows (attention heads, MLP features),
+a partial sum of some (a row-parallel projection's output before its all-reduce, shard dim -1),
 and the whole of others (the residual stream). Rank 0 captures every hook, its slices included;
 the other ranks capture only their slices. A sliced hook's group carries `shard` = (dim, start,
 stop, full), so rows are put back together from the files alone, whatever engine wrote them.
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from dmi.reader.run import Run
+from dmi.tp import PARTIAL
 from dmi.reader.views import RunViews
 
 Shard = tuple[int, int, int, int]
@@ -109,6 +111,8 @@ class ShardedRun(RunViews):
         if held is None:
             return shape
         dim, _, _, full = held[0][1]
+        if dim == PARTIAL:  # partial sums: each rank's row is whole-shaped
+            return shape
         return (*shape[:dim], full, *shape[dim + 1:])
 
     def num_rows(self, hook: str) -> int:
@@ -209,8 +213,11 @@ def _row_keys(run: Run, hook: str, start: int, stop: int) -> list[tuple[str, int
 
 
 def _paste(parts: list[tuple[torch.Tensor, Shard]]) -> torch.Tensor:
-    """Whole rows from the ranks' slices; where slices overlap (replicated kv heads) the first wins."""
+    """Whole rows from the ranks' slices; where slices overlap (replicated kv heads) the first wins.
+    Partial sums (dim PARTIAL) add up."""
     first, (dim, _, _, full) = parts[0]
+    if dim == PARTIAL:
+        return functools.reduce(torch.add, (t.float() for t, _ in parts)).to(first.dtype)
     d = dim + 1  # after the row index
     out = first.new_zeros((*first.shape[:d], full, *first.shape[d + 1:]))
     filled = np.zeros(full, dtype=bool)

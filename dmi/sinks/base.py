@@ -16,7 +16,7 @@ class HookInfo:
     row_shape: tuple[int, ...]  # shape of one token row; for ragged hooks (pattern) the last dim is the max seen
     ragged: bool = False      # True when the last dim grows per row (attention pattern: keys 0..position)
     source: str = ""          # where it came from, e.g. "model.layers.0:output"
-    shard: tuple[int, int, int, int] | None = None  # tensor parallel: (dim, start, stop, full) of the row
+    shard: tuple[int, int, int, int] | None = None  # tensor parallel: (dim, start, stop, full) of the row; dim -1: partial sum start of full
 
 
 @dataclass

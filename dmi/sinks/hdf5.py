@@ -7,7 +7,8 @@ Layout (format_version 1):
                       json_attrs (JSON list of the attrs that hold JSON), one attr per meta.extra key
     /requests         vlen utf-8 [R]: request ids in first-seen order; rows point here by int32 index
     /hooks/<name>/    attrs: dtype (torch name), row_shape, ragged, source; shard (dim, start,
-                      stop, full) when a tensor-parallel rank holds a slice of the row
+                      stop, full) when a tensor-parallel rank holds a slice of the row (dim -1:
+                      one of `full` partial sums of the row, part `start`)
         data          [N, *row_shape]; bfloat16 kept as uint16 bit patterns, ragged last dim grows
         request       int32 [N]
         position      int64 [N]

@@ -24,7 +24,7 @@ from dmi.tiny import build_tiny_model
 pytestmark = pytest.mark.vllm
 
 HOOKS = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_q", "blocks.*.attn.hook_k", "blocks.*.attn.hook_v",
-         "blocks.*.attn.hook_z", "blocks.0.mlp.hook_post", "blocks.*.hook_mlp_out", "blocks.1.mlp.hook_router_logits",
+         "blocks.*.attn.hook_z", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_pre_linear", "blocks.0.mlp.hook_post", "blocks.*.hook_mlp_out", "blocks.1.mlp.hook_router_logits",
          "blocks.1.mlp.hook_topk_ids", "hook_logits"]
 
 
@@ -66,6 +66,7 @@ def test_tp2_ranks_merge_to_the_reference(llm, model_dir, out):
         assert second.shard("blocks.0.attn.hook_q") == (0, 2, 4, 4)
         assert second.shard("blocks.0.attn.hook_k") == (0, 0, 1, 1)
         assert second.shard("blocks.0.mlp.hook_post") == (0, 64, 128, 128)
+        assert second.shard("blocks.0.mlp.hook_pre") == (0, 64, 128, 128)
         assert first.shape("blocks.0.attn.hook_z") == (2, 32)
         assert first.shard("blocks.1.hook_mlp_out") is None
     run = dmi.open(out)

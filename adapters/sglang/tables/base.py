@@ -9,12 +9,13 @@ norm's. Every SGLang tensor is flat ([num_tokens, ...]); views only split heads.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dmi.dims import Dims, kv_row, llama_like_dims, q_row  # same config fields as HF
 
-__all__ = ["LLAMA_LIKE", "Dims", "SGLangTable", "STap", "Where", "at", "llama_like_dims", "resid_after"]
+__all__ = ["LLAMA_LIKE", "Dims", "SGLangTable", "STap", "Where", "at", "llama_like_dims", "resid_after",
+           "resid_before_input"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,16 @@ class Where:
 @dataclass(frozen=True)
 class STap:
     where: Callable[[int | None, Dims], Where]   # (layer, dims) -> where to read it
-    view: str | None = None   # heads | kv_heads | rows_heads | rows_kv_heads | q | k | v (fused qkv) | last_rows
+    view: str | None = None   # heads | kv_heads | rows_heads | rows_kv_heads | q | k | v (fused qkv) | gate | up
+    #                           (fused gate_up halves) | last_rows
     shape: Callable[[Dims], tuple[int, ...]] = lambda d: (d.hidden,)
     dtype: str | None = None  # fixed dtype (router ids); None: the model's
+    # tensor parallel: heads | kv_heads | mlp split across ranks (dmi.tp); unreduced: a module output
+    # each rank holds a partial sum of when the layer does the all-reduce (hooks.HookMap._split)
+    shard: str | None = None
+    # cfg -> a factor the model applies to this value outside the module (Gemma 2's embedding
+    # normaliser, Granite's residual_multiplier), so the row is what the residual stream gets.
+    scale: Callable[[object], float] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,14 @@ def resid_before(layer: int | None, d: Dims) -> Where:
     return resid_after(layer - 1, d)
 
 
+def resid_before_input(layer: int | None, d: Dims) -> Where:
+    """As resid_before, but layer 0's stream is the layer's own input: models that scale the
+    embedding in their forward, outside the embedding module (Gemma 2, Granite)."""
+    if layer == 0:
+        return Where("model.layers.0", "input", 1)
+    return resid_after(layer - 1, d)
+
+
 L = "model.layers.{L}"
 
 # Llama-style decoders in SGLang (Llama, Qwen2): fused qkv_proj returning (out, bias),
@@ -66,14 +82,21 @@ L = "model.layers.{L}"
 LLAMA_LIKE: dict[str, STap] = {
     "hook_embed": STap(at("model.embed_tokens")),
     "hook_resid_pre": STap(resid_before),
-    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=q_row),
-    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=kv_row),
-    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=kv_row),
-    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=q_row),
-    "hook_attn_out": STap(at(L + ".self_attn")),
+    "attn.hook_q": STap(at(L + ".self_attn.qkv_proj", index=0), view="q", shape=q_row, shard="heads"),
+    "attn.hook_k": STap(at(L + ".self_attn.qkv_proj", index=0), view="k", shape=kv_row, shard="kv_heads"),
+    "attn.hook_v": STap(at(L + ".self_attn.qkv_proj", index=0), view="v", shape=kv_row, shard="kv_heads"),
+    "attn.hook_z": STap(at(L + ".self_attn.o_proj", io="input", index=0), view="heads", shape=q_row, shard="heads"),
+    # (under TP, a partial sum per rank where the layer does the all-reduce: see HookMap._split)
+    "hook_attn_out": STap(at(L + ".self_attn"), shard="unreduced"),
     "hook_resid_mid": STap(at(L + ".post_attention_layernorm", index=1)),
-    "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,)),
-    "hook_mlp_out": STap(at(L + ".mlp")),
+    # gate_up_proj returns ([gate | up], bias) (this rank's features under TP)
+    "mlp.hook_pre": STap(at(L + ".mlp.gate_up_proj", index=0), view="gate", shape=lambda d: (d.intermediate,),
+                         shard="mlp"),
+    "mlp.hook_pre_linear": STap(at(L + ".mlp.gate_up_proj", index=0), view="up", shape=lambda d: (d.intermediate,),
+                                shard="mlp"),
+    "mlp.hook_post": STap(at(L + ".mlp.down_proj", io="input", index=0), shape=lambda d: (d.intermediate,),
+                          shard="mlp"),
+    "hook_mlp_out": STap(at(L + ".mlp"), shard="unreduced"),
     "hook_resid_post": STap(resid_after),
     "ln_final.hook_out": STap(at("model.norm", index=0)),
     # The logits processor computes one row per request (its last token): see adapters/sglang/rows.py.

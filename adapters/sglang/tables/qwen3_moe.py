@@ -20,7 +20,7 @@ def _sparse(cfg, layer: int) -> bool:
 def _has(cfg, layer: int, suffix: str) -> bool:
     if suffix in MOE:
         return _sparse(cfg, layer)
-    if suffix == "mlp.hook_post":
+    if suffix in ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"):
         return not _sparse(cfg, layer)
     return True
 
