@@ -57,6 +57,11 @@ class Session:
                 f"or select fewer hooks")
         self.names = [b.name for b in self.bindings]
         self.fallback_hooks = self._check_fallback(spec)
+        self.edits = None  # interventions (dmi.interventions): planned with each step, booked after it
+        if spec.interventions:
+            from dmi.interventions.edits import Edits
+
+            self.edits = Edits(spec, adapter, self.names, _predicate, lambda k, m: self._warn_once(k, m))
         self.acct = Accounting()
         self.sink = sink
         name, config = adapter.describe()
@@ -140,6 +145,8 @@ class Session:
             self.strict = strict.Probe(self).install()
         self.acquire_step()
         tables = {TOKENS: rows, **(groups or {})}
+        if self.edits is not None:  # first: a step whose edits cannot apply is refused before any plan
+            self.edits.begin(self.step, rows)
         # Once the sink has failed nothing can be written: plan no ring space, count the rows.
         alive = self.drain.alive if self.drain.sink_failed is None else (lambda: False)
         frame = self.planner.plan(self.step, tables, alive)
@@ -280,6 +287,8 @@ class Session:
                 self.acct.dropped(self.names[h.hook], len(h.src), "oversize", in_flight=True)
                 self._gap_rows(frame, self.names[h.hook], frame.tables[h.group], h.src, "oversize")
         self.planner.disable()
+        if self.edits is not None:
+            self.edits.end()
         self._push(frame)
         self.step += 1
         self.acct.steps = self.step
@@ -353,6 +362,8 @@ class Session:
         snap["host_copies_per_row"] = self.drain.copies_per_row()
         if self.strict is not None:
             snap["strict"] = list(self.strict.violations)
+        if self.edits is not None:
+            snap["interventions"] = self.edits.stats()
         return snap
 
     def flush(self, timeout: float | None = None) -> None:

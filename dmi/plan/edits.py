@@ -1,0 +1,104 @@
+"""The per-step edit table: which token rows each edit point changes, and with which value row.
+
+Made once per step in begin_step, vectorised over rows, before the forward: for each
+intervention the rows its request and token filters keep (for `patch`, those whose position the
+stored run has), written into one int64 table [points, capacity] whose storage stays fixed, so
+a compiled graph or a CUDA graph reads each step's table through the same tensor. -1 means
+"no edit". On the GPU the host table goes up with one async copy, like the capture plan.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dmi.errors import DmiError
+
+from .control import ROW_CAPACITY
+from .rows import RowTable
+
+
+class InterventionError(DmiError):
+    """An armed intervention cannot be applied to a step; the step is refused, never run unsteered."""
+
+
+class EditTable:
+    def __init__(self, n_points: int, device: torch.device, capacity: int = ROW_CAPACITY):
+        self.n_points = max(n_points, 1)
+        self.device = torch.device(device)
+        self.on_gpu = self.device.type == "cuda"
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self.capacity = capacity
+        if self.on_gpu:
+            from dmi.ring.upload import PinnedUpload
+
+            self.host = np.full((self.n_points, capacity), -1, dtype=np.int64)
+            self.sel = torch.full((self.n_points, capacity), -1, dtype=torch.int64, device=self.device)
+            torch._dynamo.mark_static_address(self.sel)
+            self._upload = PinnedUpload(self.device, entries=max(4 * self.host.size, 1 << 16))
+        else:
+            self.sel = torch.full((self.n_points, capacity), -1, dtype=torch.int64)
+            self.host = self.sel.numpy()  # same memory: the op reads what the plan wrote
+
+    def fits(self, n: int) -> bool:
+        """A CPU table grows (a compiled CPU graph takes the new tensor as its input); a GPU
+        table is fixed (a CUDA graph holds its address)."""
+        if n <= self.capacity:
+            return True
+        if self.on_gpu:
+            return False
+        self._alloc(max(n, 2 * self.capacity))
+        return True
+
+    def send(self) -> None:
+        if self.on_gpu:
+            self._upload.put(self.host.reshape(-1), into=self.sel.view(-1))
+
+
+class EditPlanner:
+    """Made at attach from the interventions' row filters and value positions."""
+
+    def __init__(self, filters: list, sources: list[np.ndarray | None], slots: list[list[int]], device):
+        self.filters = filters      # per intervention: RowFilter (its requests and tokens)
+        self.sources = sources      # per intervention: stored positions (patch), sorted, or None
+        self.slots = slots          # per intervention: its edit points' rows in the table
+        self.table = EditTable(sum(len(s) for s in slots), device)
+        self._armed = False
+
+    def plan(self, step: int, rows: RowTable) -> list[np.ndarray]:
+        """Fill the table for this step's token rows; returns, per intervention, the rows it edits."""
+        n = rows.n_rows
+        if not self.table.fits(n):
+            raise InterventionError(
+                f"dmi: a step of {n} token rows is larger than the GPU edit table ({self.table.capacity} rows); "
+                f"its armed interventions cannot be applied, so the step is refused rather than run unsteered")
+        host = self.table.host
+        if self._armed:
+            host[:, : self.table.capacity] = -1
+        applied = []
+        for filt, src, slots in zip(self.filters, self.sources, self.slots):
+            keep, _ = filt.keep(step, rows)
+            if src is None:
+                on = np.flatnonzero(keep)
+                value = np.zeros(len(on), dtype=np.int64)
+            else:
+                on = np.flatnonzero(keep)
+                at = np.searchsorted(src, rows.position[on])
+                at = np.minimum(at, len(src) - 1)
+                hit = src[at] == rows.position[on]
+                on, value = on[hit], at[hit]
+            for s in slots:
+                host[s, on] = value
+            applied.append(on)
+        self._armed = True
+        self.table.send()
+        return applied
+
+    def disarm(self) -> None:
+        """Between steps nothing is edited: a stray forward (or a step refused) runs unedited
+        and says so (the books)."""
+        if self._armed:
+            self.table.host[:] = -1
+            self.table.send()
+            self._armed = False
