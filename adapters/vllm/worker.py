@@ -26,6 +26,7 @@ from dmi.kernels.capture_op import capture as capture_op
 from dmi.plan import LOGITS
 from dmi.session import Session
 
+from . import edits as vllm_edits
 from .binding import Hooks, VBinding, rank_sink
 from .rows import RowBook, external_id
 from .tables import read, table_for
@@ -39,6 +40,7 @@ class WorkerSession(Session):
 
 class WorkerAdapter(Adapter):
     engine_name = "vllm"
+    supports_interventions = True
 
     def __init__(self, worker):
         runner = worker.model_runner
@@ -77,6 +79,9 @@ class WorkerAdapter(Adapter):
     def bind(self, patterns):
         return self.hooks.bind(patterns)
 
+    def editable(self, b: VBinding) -> str | None:
+        return vllm_edits.not_editable(b.tap, self.tp_size)
+
     # -- arming ------------------------------------------------------------------------
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session
@@ -87,8 +92,15 @@ class WorkerAdapter(Adapter):
         self._ring, self._control = session.ring.buffer, session.planner.control
         model = self.runner.model
         by_method: dict[tuple[int, str], tuple[object, list]] = {}
-        for i, b in enumerate(bindings):
-            fn = functools.partial(self._hook, i, b)
+        edited = session.edits.hooks if session.edits is not None else {}
+        points = [(i, b, edited.get(b.name)) for i, b in enumerate(bindings)]
+        points += [(None, he.binding, he) for he in edited.values() if he.capture is None]
+        for i, b, he in points:
+            if he is None:
+                fn = functools.partial(self._hook, i, b)
+            else:  # the edit table, like the plan's tensors, is held for the graph's lifetime
+                self._sel = session.edits.sel
+                fn = functools.partial(vllm_edits.hook, i, he, self.dims, self._sel, self._capture)
             if b.tap.method is not None:
                 obj = functools.reduce(getattr, b.path.split("."), model)
                 by_method.setdefault((id(obj), b.tap.method), (obj, []))[1].append(fn)
@@ -187,6 +199,9 @@ class WorkerAdapter(Adapter):
         x = read(b.tap, self.dims, args, kwargs, out)
         if x is None:
             return
+        self._capture(i, x)
+
+    def _capture(self, i: int, x: torch.Tensor) -> None:
         if torch.compiler.is_compiling():  # traced: one dmi::capture node reading the plan's tensors
             capture_op(self._ring, x, self._control.rows, self._control.ctrl, i)
         elif self.session is not None:

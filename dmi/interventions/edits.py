@@ -54,7 +54,10 @@ class _Filter:
 
 class Edits:
     def __init__(self, spec, adapter, captured: list[str], predicate: Callable[[str | None], Any],
-                 warn: Callable[[str, str], None]):
+                 warn: Callable[[str, str], None], device=None):
+        """device: where the values and the table live (default the adapter's; a front end that
+        only validates passes "cpu")."""
+        device = adapter.device if device is None else torch.device(device)
         if not getattr(adapter, "supports_interventions", False):
             raise SpecError("interventions", f"the {adapter.engine_name} adapter cannot apply interventions yet "
                                              f"(supported: hf); remove them or use an HF model")
@@ -78,7 +81,7 @@ class Edits:
                 why = _not_editable(adapter, b)
                 if why:
                     raise SpecError(f"{f}.hook", f"{b.name} cannot be edited: {why}")
-                values, head_mask, pos = _prepare(iv, b, data, src, f, adapter.device)
+                values, head_mask, pos = _prepare(iv, b, data, src, f, device)
                 he = self.hooks.get(b.name)
                 if he is None:
                     he = self.hooks[b.name] = HookEdits(b.name, b, captured.index(b.name) if b.name in captured else None,
@@ -101,7 +104,7 @@ class Edits:
         if dup:
             raise SpecError("interventions", f"two interventions are named {dup[0]!r}; names must be unique")
         self.points = [p for he in self.hooks.values() for p in he.points]
-        self.planner = EditPlanner(filters, sources, slots, adapter.device)
+        self.planner = EditPlanner(filters, sources, slots, device)
         self.books = Books(entries)
         self._step: tuple[RowTable, list[np.ndarray]] | None = None
 
