@@ -303,14 +303,19 @@ class Session:
         if not self.frames.put(frame):
             self.drain.lost(frame, "drain_stopped")
 
-    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache", hooks=None) -> None:
+    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache", hooks=None,
+                     edits: bool | None = None) -> None:
         """Record that the engine did not compute these positions of a request (served from a
         prefix cache), for every hook (or `hooks`, indices): a reader sees them as gaps with
         `reason`, never as silently missing. They were never produced, so produced = filtered +
-        written + dropped is unchanged; stats()["not_computed"] counts them per reason."""
+        written + dropped is unchanged; stats()["not_computed"] counts them per reason.
+        Token rows (default: when `hooks` is None; `edits` says so explicitly) that interventions
+        select are booked as not edited, under `reason`."""
         pos = np.asarray(positions, dtype=np.int64)
         if self.closed or not len(pos):
             return
+        if self.edits is not None and (edits if edits is not None else hooks is None):  # edits there never ran
+            self.edits.skipped(self.step, request_id, pos, reason)
         names = self.names if hooks is None else [self.names[i] for i in hooks]
         self.acct.skipped(len(pos) * len(names), reason)
         for name in names:

@@ -189,7 +189,7 @@ class WorkerAdapter(Adapter):
         logits = [i for i, b in enumerate(s.bindings) if b.group == LOGITS]
         tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
         for rid, pos, why in rows.skipped:  # only a logits row's own position can be a logits gap
-            s.not_computed(rid, pos, why, hooks=tokens)
+            s.not_computed(rid, pos, why, hooks=tokens, edits=True)
         for rid, pos, why in rows.skipped_logits:
             s.not_computed(rid, pos, why, hooks=logits)
         self.session.begin_step(rows.tokens, {LOGITS: rows.logits})

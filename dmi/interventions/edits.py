@@ -138,6 +138,20 @@ class Edits:
             self.books.record(k, rows.request_ids, rows.request[on], rows.position[on],
                               "not_applied" if k in missed else None)
 
+    def skipped(self, step: int, request_id: str, positions: np.ndarray, reason: str) -> None:
+        """Positions of a request the engine did not compute (a prefix cache served them): an
+        intervention that selects them could not apply there; book them under `reason`."""
+        n = len(positions)
+        rows = RowTable(batch=1, tokens=n, request_ids=[request_id], request=np.zeros(n, np.int32),
+                        position=np.asarray(positions, np.int64), phase=np.zeros(n, np.int8))
+        for k, (on, _) in enumerate(zip(self.planner.rows_of(step, rows), self.books.entries)):
+            if len(on):
+                name = self.books.entries[k]["name"]
+                self.warn("skipped:" + name, f"dmi: intervention {name!r}: {len(on)} rows of request {request_id!r} "
+                                             f"were not computed ({reason}), so not edited; they are booked as "
+                                             f"failed ({reason}). Disable the prefix cache to steer them")
+                self.books.record(k, rows.request_ids, rows.request[on], rows.position[on], reason)
+
     def stats(self) -> dict:
         return self.books.snapshot()
 

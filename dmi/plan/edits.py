@@ -66,6 +66,17 @@ class EditPlanner:
         self.table = EditTable(sum(len(s) for s in slots), device)
         self._armed = False
 
+    def rows_of(self, step: int, rows: RowTable) -> list[np.ndarray]:
+        """Per intervention, the rows of `rows` it selects (patch: where the run has a row)."""
+        out = []
+        for filt, src in zip(self.filters, self.sources):
+            on = np.flatnonzero(filt.keep(step, rows)[0])
+            if src is not None:
+                at = np.minimum(np.searchsorted(src, rows.position[on]), len(src) - 1)
+                on = on[src[at] == rows.position[on]]
+            out.append(on)
+        return out
+
     def plan(self, step: int, rows: RowTable) -> list[np.ndarray]:
         """Fill the table for this step's token rows; returns, per intervention, the rows it edits."""
         n = rows.n_rows
