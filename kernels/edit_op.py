@@ -61,9 +61,9 @@ def reference(x: torch.Tensor, kind: str, value: torch.Tensor | None, scale: flo
 
 def apply_points(rows_x: torch.Tensor, points, sel: torch.Tensor) -> torch.Tensor:
     """A hook's edit points in spec order on its rows [n, *row]; `sel` is the step's edit table
-    [points, capacity]. Marks each point as run (compiled code replays that attribute store)."""
+    [capacity, points]. Marks each point as run (compiled code replays that attribute store)."""
     n = rows_x.shape[0]
     for p in points:
-        rows_x = edit(rows_x, sel[p.slot, :n], p.kind, p.values, p.scale, p.head_mask)
+        rows_x = edit(rows_x, sel[:n, p.slot], p.kind, p.values, p.scale, p.head_mask)
         p.fired = True
     return rows_x

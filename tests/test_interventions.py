@@ -333,3 +333,22 @@ def test_strict_eager_step_with_interventions(baseline, tmp_path, monkeypatch):
     _, run, stats = _dmi_run(model, str(tmp_path / "strict.h5"), spec)
     assert stats["strict"] == []
     assert sum(b["rows"] for b in run.interventions.values()) > 0
+
+
+def test_a_glob_patches_each_hook_from_its_own_stored_rows(baseline, tmp_path):
+    model, _, _ = baseline
+    hooks = "blocks.*.hook_resid_post"
+    stored = str(tmp_path / "source.h5")
+    with dmi.attach(model, {"hooks": [hooks], "sink": stored}) as s:
+        with torch.no_grad():
+            model(torch.tensor([[41, 42, 43, 44, 45, 46, 47, 48]]))
+        s.flush()
+    src = dmi.open(stored)
+    spec = [{"hook": hooks, "op": "patch", "value": {"run": stored, "request": "0"}, "requests": {"ids": ["2"]}}]
+    _, run, _ = _dmi_run(model, str(tmp_path / "patched.h5"), spec, hooks=[hooks])
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"):
+        pos = run.positions(hook, "2")
+        assert torch.equal(run.get(hook, "2")[pos < 8], src.get(hook, "0")[pos[pos < 8]])
+    (books,) = run.interventions.values()
+    assert books["hooks"] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert books["requests"] == {"2": [[0, 8]]}

@@ -19,6 +19,7 @@ from dmi.plan.rows import TOKENS, RowTable
 
 from . import values as V
 from .books import Books
+from .spec import RunValue
 
 
 @dataclass(eq=False)
@@ -75,9 +76,12 @@ class Edits:
                 raise type(e)(f"{f}.hook", str(e).split(": ", 1)[-1]) from None
             if not found:
                 raise SpecError(f"{f}.hook", f"{iv.hook!r} selects no hook on this model")
-            data, src = (None, None) if iv.value is None else V.load(iv.value, f"{f}.value", found[0].name)
+            # a stored run's rows default to each hook's own (a glob reads one set per hook)
+            per_hook = isinstance(iv.value, RunValue) and iv.value.hook is None
+            shared = (None, None) if iv.value is None or per_hook else V.load(iv.value, f"{f}.value", iv.hook)
             mine = []
             for b in found:
+                data, src = V.load(iv.value, f"{f}.value", b.name) if per_hook else shared
                 why = _not_editable(adapter, b)
                 if why:
                     raise SpecError(f"{f}.hook", f"{b.name} cannot be edited: {why}")
@@ -110,7 +114,7 @@ class Edits:
 
     @property
     def sel(self) -> torch.Tensor:
-        """The edit table [points, capacity] the hooks slice (fixed storage; see dmi.plan.edits)."""
+        """The edit table [capacity, points] the hooks slice (fixed storage; see dmi.plan.edits)."""
         return self.planner.table.sel
 
     # -- per step, outside the forward ---------------------------------------------------

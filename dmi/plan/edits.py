@@ -22,10 +22,14 @@ class InterventionError(DmiError):
 
 
 class EditTable:
+    """sel: int64 [capacity, points], row-major so a step's n rows are one contiguous block (one
+    small upload on the GPU); point p of a tensor of n rows reads sel[:n, p]."""
+
     def __init__(self, n_points: int, device: torch.device, capacity: int = ROW_CAPACITY):
         self.n_points = max(n_points, 1)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
+        self.used = 0  # rows the last plan wrote (reset to -1 by the next plan or disarm)
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
@@ -33,12 +37,12 @@ class EditTable:
         if self.on_gpu:
             from dmi.ring.upload import PinnedUpload
 
-            self.host = np.full((self.n_points, capacity), -1, dtype=np.int64)
-            self.sel = torch.full((self.n_points, capacity), -1, dtype=torch.int64, device=self.device)
+            self.host = np.full((capacity, self.n_points), -1, dtype=np.int64)
+            self.sel = torch.full((capacity, self.n_points), -1, dtype=torch.int64, device=self.device)
             torch._dynamo.mark_static_address(self.sel)
             self._upload = PinnedUpload(self.device, entries=max(4 * self.host.size, 1 << 16))
         else:
-            self.sel = torch.full((self.n_points, capacity), -1, dtype=torch.int64)
+            self.sel = torch.full((capacity, self.n_points), -1, dtype=torch.int64)
             self.host = self.sel.numpy()  # same memory: the op reads what the plan wrote
 
     def fits(self, n: int) -> bool:
@@ -51,9 +55,10 @@ class EditTable:
         self._alloc(max(n, 2 * self.capacity))
         return True
 
-    def send(self) -> None:
-        if self.on_gpu:
-            self._upload.put(self.host.reshape(-1), into=self.sel.view(-1))
+    def send(self, n: int) -> None:
+        """Make rows [:n] visible to kernels enqueued after this call."""
+        if self.on_gpu and n:
+            self._upload.put(self.host[:n].reshape(-1), into=self.sel[:n].view(-1))
 
 
 class EditPlanner:
@@ -64,7 +69,6 @@ class EditPlanner:
         self.sources = sources      # per intervention: stored positions (patch), sorted, or None
         self.slots = slots          # per intervention: its edit points' rows in the table
         self.table = EditTable(sum(len(s) for s in slots), device)
-        self._armed = False
 
     def rows_of(self, step: int, rows: RowTable) -> list[np.ndarray]:
         """Per intervention, the rows of `rows` it selects (patch: where the run has a row)."""
@@ -80,36 +84,28 @@ class EditPlanner:
     def plan(self, step: int, rows: RowTable) -> list[np.ndarray]:
         """Fill the table for this step's token rows; returns, per intervention, the rows it edits."""
         n = rows.n_rows
-        if not self.table.fits(n):
+        t = self.table
+        if not t.fits(n):
             raise InterventionError(
-                f"dmi: a step of {n} token rows is larger than the GPU edit table ({self.table.capacity} rows); "
+                f"dmi: a step of {n} token rows is larger than the GPU edit table ({t.capacity} rows); "
                 f"its armed interventions cannot be applied, so the step is refused rather than run unsteered")
-        host = self.table.host
-        if self._armed:
-            host[:, : self.table.capacity] = -1
-        applied = []
-        for filt, src, slots in zip(self.filters, self.sources, self.slots):
-            keep, _ = filt.keep(step, rows)
+        host = t.host
+        host[: max(t.used, n)] = -1
+        applied = self.rows_of(step, rows)
+        for on, src, slots in zip(applied, self.sources, self.slots):
             if src is None:
-                on = np.flatnonzero(keep)
-                value = np.zeros(len(on), dtype=np.int64)
-            else:
-                on = np.flatnonzero(keep)
-                at = np.searchsorted(src, rows.position[on])
-                at = np.minimum(at, len(src) - 1)
-                hit = src[at] == rows.position[on]
-                on, value = on[hit], at[hit]
-            for s in slots:
-                host[s, on] = value
-            applied.append(on)
-        self._armed = True
-        self.table.send()
+                host[np.ix_(on, slots)] = 0
+            else:  # each patched row takes the stored row at its position
+                host[np.ix_(on, slots)] = np.searchsorted(src, rows.position[on])[:, None]
+        t.send(max(t.used, n))
+        t.used = n
         return applied
 
     def disarm(self) -> None:
         """Between steps nothing is edited: a stray forward (or a step refused) runs unedited
         and says so (the books)."""
-        if self._armed:
-            self.table.host[:] = -1
-            self.table.send()
-            self._armed = False
+        t = self.table
+        if t.used:
+            t.host[: t.used] = -1
+            t.send(t.used)
+            t.used = 0
