@@ -69,6 +69,7 @@ class EditPlanner:
         self.sources = sources      # per intervention: stored positions (patch), sorted, or None
         self.slots = slots          # per intervention: its edit points' rows in the table
         self.table = EditTable(sum(len(s) for s in slots), device)
+        self._cols = [np.asarray(s, dtype=np.int64) for s in slots]
 
     def rows_of(self, step: int, rows: RowTable) -> list[np.ndarray]:
         """Per intervention, the rows of `rows` it selects (patch: where the run has a row)."""
@@ -92,11 +93,11 @@ class EditPlanner:
         host = t.host
         host[: max(t.used, n)] = -1
         applied = self.rows_of(step, rows)
-        for on, src, slots in zip(applied, self.sources, self.slots):
+        for on, src, cols in zip(applied, self.sources, self._cols):
             if src is None:
-                host[np.ix_(on, slots)] = 0
+                host[on[:, None], cols] = 0
             else:  # each patched row takes the stored row at its position
-                host[np.ix_(on, slots)] = np.searchsorted(src, rows.position[on])[:, None]
+                host[on[:, None], cols] = np.searchsorted(src, rows.position[on])[:, None]
         t.send(max(t.used, n))
         t.used = n
         return applied
