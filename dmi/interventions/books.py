@@ -11,6 +11,8 @@ import threading
 
 import numpy as np
 
+FOLD_AFTER = 4096  # steps' records kept unfolded at most
+
 
 class Books:
     def __init__(self, entries: list[dict]):
@@ -27,6 +29,8 @@ class Books:
         """Rows of intervention k in one step: applied (reason None) or not (why)."""
         if len(request):
             self._pending.append((k, reason, request_ids, request, position))  # list.append: atomic
+            if len(self._pending) > FOLD_AFTER:  # nobody read the books for a long while (memory sink)
+                self._fold()
 
     def _fold(self) -> None:
         with self._lock:
