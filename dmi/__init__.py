@@ -34,7 +34,7 @@ def attach(engine, spec=None, *, progress: bool = False):
         adapter.wrappers.append(wrapper)
     if spec.interventions and not getattr(adapter, "supports_interventions", False):
         raise SpecError("interventions", f"the {adapter.engine_name} adapter cannot apply interventions yet "
-                                         f"(supported: hf); remove them, or attach an HF model")
+                                         f"(supported: hf, vllm, sglang); remove them")
     if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
         return adapter.open_session(spec, progress=progress)
     from dmi.memory import check_ring_fits

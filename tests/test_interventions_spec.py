@@ -119,3 +119,12 @@ def test_a_run_row_steers_as_the_stored_vector(load, tmp_path, stored):
             s.flush()
         outs.append(dmi.open(tmp_path / f"{k}.h5").get("blocks.1.hook_resid_post", "0"))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_an_adapter_without_interventions_refuses_them(tmp_path):
+    toy = pytest.importorskip("dmi_toyengine")
+    engine = toy.Engine()
+    with pytest.raises(SpecError) as e:
+        dmi.attach(engine, {"hooks": ["blocks.0.hook_resid_post"], "sink": str(tmp_path / "x.h5"),
+                            "interventions": [_iv()]})
+    assert e.value.field == "interventions" and "toy" in str(e.value)

@@ -61,7 +61,7 @@ class Edits:
         device = adapter.device if device is None else torch.device(device)
         if not getattr(adapter, "supports_interventions", False):
             raise SpecError("interventions", f"the {adapter.engine_name} adapter cannot apply interventions yet "
-                                             f"(supported: hf); remove them or use an HF model")
+                                             f"(supported: hf, vllm, sglang); remove them")
         from dmi.policies import RowFilter
 
         self.warn = warn
