@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 DOWN = "blocks.1.hook_resid_post"
-REQUESTS = {"a": [11, 12, 13, 14, 15], "b": [21, 22, 23], "c": [31, 32, 33, 34, 35, 36], "d": [41, 42]}
+REQUESTS = {"a": [11, 12, 13, 14, 15], "b": [21, 22, 23], "c": [31, 32, 33, 34, 35, 36], "d": [41, 42],
+            "e": [51, 52, 53, 54]}
+STEERED = {"b": slice(0, 1), "c": slice(1, 3), "e": slice(3, 5)}  # request -> its interventions
 NEW = 5
 
 
@@ -13,7 +15,7 @@ def _vec(n, seed):
     return torch.randn(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def interventions(hidden=64):
+def interventions(hidden=64, intermediate=128):
     return [
         {"hook": "blocks.0.hook_resid_post", "op": "add", "value": _vec(hidden, 1), "scale": 3.0,
          "requests": {"ids": ["b"]}, "tokens": {"positions": [[1, 6]]}, "name": "steer-b"},
@@ -21,6 +23,10 @@ def interventions(hidden=64):
          "name": "ablate-c"},
         {"hook": "blocks.1.mlp.hook_post", "op": "scale", "scale": -2.0, "requests": {"ids": ["c"]},
          "tokens": {"positions": [[4, 9]]}, "name": "scale-c"},
+        {"hook": "blocks.0.mlp.hook_post", "op": "set", "value": _vec(intermediate, 2), "requests": {"ids": ["e"]},
+         "tokens": {"positions": [[2, 4]]}, "name": "set-e"},
+        {"hook": "blocks.1.hook_resid_post", "op": "project_out", "value": _vec(hidden, 3),
+         "requests": {"ids": ["e"]}, "name": "project-e"},
     ]
 
 
@@ -44,6 +50,12 @@ def oracle(model, prompt, ivs):
                     view[j, iv["heads"], :] = 0
                 elif iv["op"] == "scale":
                     view[j] = view[j] * iv["scale"]
+                elif iv["op"] == "set":
+                    view[j] = torch.tensor(iv["value"])
+                elif iv["op"] == "project_out":
+                    u = torch.tensor(iv["value"])
+                    u = u / u.norm()
+                    view[j] = view[j] - (view[j] @ u) * u
         return x.unsqueeze(0)
 
     for iv in ivs:
@@ -78,8 +90,8 @@ def oracle(model, prompt, ivs):
 
 
 def check(run, books, got, plain_run, plain_got, hf):
-    ivs = interventions(hf.config.hidden_size)
-    for rid, mine in (("b", ivs[:1]), ("c", ivs[1:])):
+    ivs = interventions(hf.config.hidden_size, hf.config.intermediate_size)
+    for rid, mine in ((r, ivs[k]) for r, k in STEERED.items()):
         tokens, down = oracle(hf, REQUESTS[rid], mine)
         assert got[rid] == tokens, (rid, got[rid], tokens)
         err = (run.get(DOWN, rid) - down).abs().max().item()
@@ -91,4 +103,7 @@ def check(run, books, got, plain_run, plain_got, hf):
     assert books["steer-b"]["requests"] == {"b": [[1, 6]]} and books["steer-b"]["failed_rows"] == 0
     assert books["ablate-c"]["requests"] == {"c": [[0, len(REQUESTS["c"]) + NEW - 1]]}
     assert books["scale-c"]["requests"] == {"c": [[4, 9]]}
+    assert books["set-e"]["requests"] == {"e": [[2, 4]]}
+    assert books["project-e"]["requests"] == {"e": [[0, len(REQUESTS["e"]) + NEW - 1]]}
+    assert all(b["failed_rows"] == 0 for b in books.values())
     assert run.interventions == books

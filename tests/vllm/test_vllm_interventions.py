@@ -16,7 +16,7 @@ import dmi
 
 pytestmark = pytest.mark.vllm
 
-from edit_oracle import DOWN, NEW, REQUESTS, check, interventions, oracle  # noqa: E402
+from edit_oracle import DOWN, NEW, REQUESTS, STEERED, check, interventions, oracle  # noqa: E402
 
 
 def serve(llm) -> dict[str, list[int]]:
@@ -107,8 +107,8 @@ def test_compiled_steers_each_request_like_the_oracle(compiled, llm, load, tmp_p
     assert stats["strict"] == [], stats["strict"]  # no dmi Python ran inside the compiled graph
     run, plain = dmi.open(sink), dmi.open(tmp_path / "plain.h5")
     hf = load("qwen3")
-    ivs = interventions(hf.config.hidden_size)
-    for rid, mine in (("b", ivs[:1]), ("c", ivs[1:])):
+    ivs = interventions(hf.config.hidden_size, hf.config.intermediate_size)
+    for rid, mine in ((r, ivs[k]) for r, k in STEERED.items()):
         tokens, down = oracle(hf, REQUESTS[rid], mine)
         assert got[rid] == tokens, (rid, got[rid], tokens)
         assert (run.get(DOWN, rid) - down).abs().max().item() < 1e-4
