@@ -82,6 +82,14 @@ class WorkerAdapter(Adapter):
     def editable(self, b: VBinding) -> str | None:
         return vllm_edits.not_editable(b.tap, self.tp_size)
 
+    # The compiled graph holds the edit table for the engine's lifetime: sized once for the
+    # largest step, never replaced (a larger step is refused loudly, never run unsteered).
+    edit_table_grows = False
+
+    @property
+    def edit_rows(self) -> int:
+        return int(getattr(self.worker.vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0)
+
     # -- arming ------------------------------------------------------------------------
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session

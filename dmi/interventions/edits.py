@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dmi.errors import SpecError
+from dmi.plan.control import ROW_CAPACITY
 from dmi.plan.edits import EditPlanner
 from dmi.plan.rows import TOKENS, RowTable
 
@@ -108,7 +109,10 @@ class Edits:
         if dup:
             raise SpecError("interventions", f"two interventions are named {dup[0]!r}; names must be unique")
         self.points = [p for he in self.hooks.values() for p in he.points]
-        self.planner = EditPlanner(filters, sources, slots, device)
+        # an engine whose compiled graph holds the table for its lifetime sizes it once (vLLM)
+        self.planner = EditPlanner(filters, sources, slots, device,
+                                   max(ROW_CAPACITY, getattr(adapter, "edit_rows", 0) or 0),
+                                   getattr(adapter, "edit_table_grows", True))
         self.books = Books(entries)
         self._step: tuple[RowTable, list[np.ndarray]] | None = None
 

@@ -25,10 +25,11 @@ class EditTable:
     """sel: int64 [capacity, points], row-major so a step's n rows are one contiguous block (one
     small upload on the GPU); point p of a tensor of n rows reads sel[:n, p]."""
 
-    def __init__(self, n_points: int, device: torch.device, capacity: int = ROW_CAPACITY):
+    def __init__(self, n_points: int, device: torch.device, capacity: int = ROW_CAPACITY, grows: bool = True):
         self.n_points = max(n_points, 1)
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
+        self.grows = grows and not self.on_gpu
         self.used = 0  # rows the last plan wrote (reset to -1 by the next plan or disarm)
         self._alloc(capacity)
 
@@ -46,11 +47,12 @@ class EditTable:
             self.host = self.sel.numpy()  # same memory: the op reads what the plan wrote
 
     def fits(self, n: int) -> bool:
-        """A CPU table grows (a compiled CPU graph takes the new tensor as its input); a GPU
-        table is fixed (a CUDA graph holds its address)."""
+        """A CPU table grows where the graph reads it through the session each call (HF: a
+        compiled CPU graph takes the new tensor as its input); a GPU table, or one an engine's
+        graph holds for its lifetime (vLLM), is fixed."""
         if n <= self.capacity:
             return True
-        if self.on_gpu:
+        if not self.grows:
             return False
         self._alloc(max(n, 2 * self.capacity))
         return True
@@ -64,11 +66,12 @@ class EditTable:
 class EditPlanner:
     """Made at attach from the interventions' row filters and value positions."""
 
-    def __init__(self, filters: list, sources: list[np.ndarray | None], slots: list[list[int]], device):
+    def __init__(self, filters: list, sources: list[np.ndarray | None], slots: list[list[int]], device,
+                 capacity: int = ROW_CAPACITY, grows: bool = True):
         self.filters = filters      # per intervention: RowFilter (its requests and tokens)
         self.sources = sources      # per intervention: stored positions (patch), sorted, or None
         self.slots = slots          # per intervention: its edit points' rows in the table
-        self.table = EditTable(sum(len(s) for s in slots), device)
+        self.table = EditTable(sum(len(s) for s in slots), device, capacity, grows)
         self._cols = [np.asarray(s, dtype=np.int64) for s in slots]
 
     def rows_of(self, step: int, rows: RowTable) -> list[np.ndarray]:
@@ -88,7 +91,7 @@ class EditPlanner:
         t = self.table
         if not t.fits(n):
             raise InterventionError(
-                f"dmi: a step of {n} token rows is larger than the GPU edit table ({t.capacity} rows); "
+                f"dmi: a step of {n} token rows is larger than the fixed edit table ({t.capacity} rows); "
                 f"its armed interventions cannot be applied, so the step is refused rather than run unsteered")
         host = t.host
         host[: max(t.used, n)] = -1
