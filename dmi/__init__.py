@@ -32,6 +32,9 @@ def attach(engine, spec=None, *, progress: bool = False):
             raise EngineNotSupportedError(f"dmi's {adapter.engine_name} adapter cannot capture through a "
                                           f"torch.compile wrapper; attach the module itself and compile after")
         adapter.wrappers.append(wrapper)
+    if spec.interventions and not getattr(adapter, "supports_interventions", False):
+        raise SpecError("interventions", f"the {adapter.engine_name} adapter cannot apply interventions yet "
+                                         f"(supported: hf, vllm, sglang); remove them")
     if getattr(adapter, "remote", False):  # the model runs in other processes: capture there
         return adapter.open_session(spec, progress=progress)
     from dmi.memory import check_ring_fits

@@ -58,6 +58,11 @@ class Session:
                 f"or select fewer hooks")
         self.names = [b.name for b in self.bindings]
         self.fallback_hooks = self._check_fallback(spec)
+        self.edits = None  # interventions (dmi.interventions): planned with each step, booked after it
+        if spec.interventions:
+            from dmi.interventions.edits import Edits
+
+            self.edits = Edits(spec, adapter, self.names, _predicate, lambda k, m: self._warn_once(k, m))
         self.acct = Accounting()
         self.sink = sink
         name, config = adapter.describe()
@@ -142,6 +147,8 @@ class Session:
             self.strict = strict.Probe(self).install()
         self.acquire_step()
         tables = {TOKENS: rows, **(groups or {})}
+        if self.edits is not None:  # first: a step whose edits cannot apply is refused before any plan
+            self.edits.begin(self.step, rows)
         # Once the sink has failed nothing can be written: plan no ring space, count the rows.
         alive = self.drain.alive if self.drain.sink_failed is None else (lambda: False)
         frame = self.planner.plan(self.step, tables, alive)
@@ -280,6 +287,8 @@ class Session:
                 self.acct.dropped(self.names[h.hook], len(h.src), "oversize", in_flight=True)
                 self._gap_rows(frame, self.names[h.hook], frame.tables[h.group], h.src, "oversize")
         self.planner.disable()
+        if self.edits is not None:
+            self.edits.end()
         self._push(frame)
         self.step += 1
         self.acct.steps = self.step
@@ -294,14 +303,19 @@ class Session:
         if not self.frames.put(frame):
             self.drain.lost(frame, "drain_stopped")
 
-    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache", hooks=None) -> None:
+    def not_computed(self, request_id: str, positions, reason: str = "prefix_cache", hooks=None,
+                     edits: bool | None = None) -> None:
         """Record that the engine did not compute these positions of a request (served from a
         prefix cache), for every hook (or `hooks`, indices): a reader sees them as gaps with
         `reason`, never as silently missing. They were never produced, so produced = filtered +
-        written + dropped is unchanged; stats()["not_computed"] counts them per reason."""
+        written + dropped is unchanged; stats()["not_computed"] counts them per reason.
+        Token rows (default: when `hooks` is None; `edits` says so explicitly) that interventions
+        select are booked as not edited, under `reason`."""
         pos = np.asarray(positions, dtype=np.int64)
         if self.closed or not len(pos):
             return
+        if self.edits is not None and (edits if edits is not None else hooks is None):  # edits there never ran
+            self.edits.skipped(self.step, request_id, pos, reason)
         names = self.names if hooks is None else [self.names[i] for i in hooks]
         self.acct.skipped(len(pos) * len(names), reason)
         for name in names:
@@ -353,6 +367,8 @@ class Session:
         snap["host_copies_per_row"] = self.drain.copies_per_row()
         if self.strict is not None:
             snap["strict"] = list(self.strict.violations)
+        if self.edits is not None:
+            snap["interventions"] = self.edits.stats()
         return snap
 
     def flush(self, timeout: float | None = None) -> None:

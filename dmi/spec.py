@@ -149,6 +149,11 @@ class DegradeSpec(_Strict):
         return low
 
 
+from dmi.interventions.spec import Intervention, resolve_forward_refs  # noqa: E402  (needs the filters above)
+
+resolve_forward_refs()
+
+
 class CaptureSpec(_Strict):
     hooks: list[str] = Field(default_factory=lambda: ["blocks.*.hook_resid_post"])
     tokens: TokenFilter = Field(default_factory=TokenFilter)
@@ -160,6 +165,8 @@ class CaptureSpec(_Strict):
     sink: Union[str, dict[str, Any]] = "dmi_capture.h5"
     # An existing run at the sink's path is refused at attach unless this is true.
     overwrite: bool = False
+    # Edits of activations, per request and token (dmi.interventions); [] captures only.
+    interventions: list[Intervention] = Field(default_factory=list)
 
     _tokens = field_validator("tokens", mode="before")(classmethod(lambda cls, v: _tokens(v)))
 
@@ -186,9 +193,10 @@ class CaptureSpec(_Strict):
     @field_validator("hooks", mode="before")
     @classmethod
     def _hooks_list(cls, v):
-        if not v:   # None, "", false, []
+        if v is None or v is False or v == "":
             v = []
-        return _listed(v, (str,), "no hooks selected; give names, globs or a preset such as 'resid'")
+        # a single name means a list of it; [] is refused below unless the spec only intervenes
+        return _listed(v, (str,), "") if v else v
 
     @model_validator(mode="before")
     @classmethod
@@ -203,6 +211,13 @@ class CaptureSpec(_Strict):
         elif isinstance(sink, dict) and sink.get("kind") in ("hdf5", "dataset"):
             sink = {**sink, "overwrite": True}
         return {**data, "sink": sink}
+
+    @model_validator(mode="after")
+    def _something_to_do(self):
+        if not self.hooks and not self.interventions:
+            raise ValueError("no hooks selected; give names, globs or a preset such as 'resid' "
+                             "(an empty list only with interventions)")
+        return self
 
     @model_validator(mode="after")
     def _degrade_declared(self):
@@ -300,18 +315,40 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
+def _intervention_loc(loc: tuple) -> str:
+    """interventions[2].value: the entry's index, then its field (not pydantic's union member names)."""
+    out = "interventions"
+    for x in loc[1:]:
+        if isinstance(x, int):
+            out += f"[{x}]"
+        elif x in Intervention.model_fields or x in ("requests", "tokens") or out.endswith(("requests", "tokens")):
+            out += f".{x}"
+        else:
+            break
+    return out
+
+
 def _as_spec_error(e: pydantic.ValidationError) -> SpecError:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int)) or "spec"
+    if err["loc"][:1] == ("interventions",):
+        loc = _intervention_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            loc += f".{err['loc'][-1]}"
     if err["type"] == "value_error" and not err["loc"] and "degrade" in err["msg"]:
         loc = "overload"
+    if err["type"] == "value_error" and not err["loc"] and "no hooks selected" in err["msg"]:
+        loc = "hooks"
     msg = err["msg"]
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
     if err["type"] == "extra_forbidden":
         parent = CaptureSpec
         for part in err["loc"][:-1]:
+            if isinstance(part, int) or part not in parent.model_fields:
+                continue  # a list index, or a union member's name (interventions[i].value)
             ann = parent.model_fields[part].annotation
+            ann = getattr(ann, "__args__", (ann,))[0] if getattr(ann, "__origin__", None) is list else ann
             parent = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
                           ann)
         fields = list(parent.model_fields)

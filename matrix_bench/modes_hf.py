@@ -13,11 +13,15 @@ import dmi
 import dmi.plugins
 
 MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight",
-         "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk")
+         "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
+         "steer-graphs")
 # *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
 # timed until the file is written); dmi modes are likewise timed until their file is closed.
 # *-graphs: generate with a static KV cache, which transformers compiles (mode "reduce-overhead":
 # CUDA graphs) on a GPU; the same capture points then run inside the compiled decode step.
+# steer*: interventions only, nothing captured: steer adds one vector to a middle layer's residual
+# stream of every request; steer-mixed steers half the requests, each with its own vector (one
+# intervention per request, one batch); steer-graphs is steer under the static-cache compile.
 
 
 def unavailable(mode: str) -> str | None:
@@ -214,6 +218,10 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         kwargs["cache_implementation"] = "static"
     if mode in ("off", "off-graphs"):
         ctx = contextlib.nullcontext()
+    elif mode.startswith("steer"):
+        session = dmi.attach(model, steer_spec(mode, model, ids.shape[0], ring_bytes))
+        path = None
+        ctx = contextlib.nullcontext()
     elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-graphs"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
@@ -249,7 +257,8 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
             _sync(device)
             if session is not None:  # persisted: timed until the file is closed, like the -disk baselines
                 facts.update(close_facts(session))
-                os.unlink(path)
+                if path is not None:
+                    os.unlink(path)
             seconds = time.perf_counter() - t0
         facts["peak_rss"] = rss.peak
     return {"seconds": seconds, **facts}
@@ -261,6 +270,25 @@ def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.Capt
                            overload="drop" if mode == "dmi-drop" else "block",
                            # dmi-null: capture points armed and called, every row filtered out
                            requests={"ids": ["none"]} if mode == "dmi-null" else {})
+
+
+def steer_spec(mode: str, model, batch: int, ring_bytes: int) -> dmi.CaptureSpec:
+    """Interventions only: an add-vector at the middle layer's residual stream (HF request ids
+    are "0".."batch-1" in a fresh session)."""
+    cfg = model.config
+    hook = f"blocks.{cfg.num_hidden_layers // 2}.hook_resid_post"
+    g = torch.Generator().manual_seed(0)
+
+    def vec():
+        return (0.1 * torch.randn(cfg.hidden_size, generator=g)).tolist()
+
+    if mode == "steer-mixed":
+        ivs = [{"hook": hook, "op": "add", "value": vec(), "requests": {"ids": [str(r)]}, "name": f"steer-{r}"}
+               for r in range(max(1, batch // 2))]
+    else:
+        ivs = [{"hook": hook, "op": "add", "value": vec(), "name": "steer"}]
+    # nothing is captured: a small ring (the session still plans every step)
+    return dmi.CaptureSpec(hooks=[], ring={"bytes": min(ring_bytes, 1 << 20)}, sink="memory", interventions=ivs)
 
 
 def close_facts(session) -> dict:

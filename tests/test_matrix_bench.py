@@ -56,3 +56,25 @@ def test_pinned_copy_bandwidth_is_zero_without_a_gpu_and_positive_with_one():
     assert pinned_copy_mb_s("cpu") == 0.0
     got = pinned_copy_mb_s("cuda", nbytes=1 << 20, repeats=2)
     assert got > 0 if torch.cuda.is_available() else got == 0.0
+
+
+def test_steer_modes_run(tmp_path, capsys):
+    """steer (every request) and steer-mixed (half the requests, one vector each): interventions
+    only, nothing captured."""
+    out = tmp_path / "s.h5"
+    assert main(["--model", "tiny", "--batch-sizes", "4", "--decode-lens", "2", "--repeats", "1",
+                 "--modes", "off,steer,steer-mixed", "--out", str(out)]) == 0
+    ok = [r for r in read(str(out)) if r["status"] == "ok"]
+    assert {r["mode"] for r in ok} == {"off", "steer", "steer-mixed"}
+    assert all(r["bytes_captured"] == 0 and r["rows_dropped"] == 0 for r in ok)
+
+
+def test_steer_specs_steer_what_they_say(load):
+    from matrix_bench.modes_hf import steer_spec
+
+    model = load("qwen3")
+    one = steer_spec("steer", model, 8, 1 << 30)
+    assert one.hooks == [] and len(one.interventions) == 1 and one.interventions[0].requests.ids is None
+    mixed = steer_spec("steer-mixed", model, 8, 1 << 30)
+    assert [iv.requests.ids for iv in mixed.interventions] == [["0"], ["1"], ["2"], ["3"]]
+    assert len({tuple(iv.value) for iv in mixed.interventions}) == 4

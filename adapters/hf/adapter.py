@@ -27,6 +27,7 @@ from dmi.kernels.capture_op import capture as capture_op
 from dmi.plan import LOGITS, TOKENS
 
 from . import compiled, reading
+from . import edits as hf_edits
 from .derive import Derived, StructureError, derive
 from .rows import GenerateState, RequestCounter, StepInputs, row_table, step_inputs
 from .tables.base import ArchTable, Tap
@@ -42,6 +43,7 @@ class HFBinding(Binding):
 
 class HFAdapter(Adapter):
     engine_name = "hf"
+    supports_interventions = True
 
     def __init__(self, model: torch.nn.Module, table: ArchTable | None = None, derived: Derived | None = None):
         """table: a hand-written (or plugin) table; its taps override what the structure gives.
@@ -172,6 +174,10 @@ class HFAdapter(Adapter):
                                       group=LOGITS if lm_head else TOKENS))
         return bindings
 
+    def editable(self, b: HFBinding) -> str | None:
+        """None when interventions can edit binding b's tensor, else why not."""
+        return hf_edits.not_editable(b.tap)
+
     def _module_tap(self, name: str) -> tuple[Tap, str]:
         parts = name.split(":")
         if len(parts) not in (2, 3) or not parts[1] or (len(parts) == 3 and parts[2] not in ("input", "output")):
@@ -212,10 +218,16 @@ class HFAdapter(Adapter):
         self.session = session
         compiled.ensure_hook_guards()
         self._logits_hooks = [i for i, b in enumerate(bindings) if b.group == LOGITS]
-        for i, b in enumerate(bindings):
+        edited = session.edits.hooks if getattr(session, "edits", None) is not None else {}
+        points = [(i, b, edited.get(b.name)) for i, b in enumerate(bindings)]
+        points += [(None, he.binding, he) for he in edited.values() if he.capture is None]
+        for i, b, he in points:
             tap, path = b.tap, b.path
             mod = self.model.get_submodule(path) if path else self.model
-            fn = functools.partial(_capture_hook, self, i, b, self.dims)
+            if he is None:
+                fn = functools.partial(_capture_hook, self, i, b, self.dims)
+            else:
+                fn = functools.partial(hf_edits.hook, self, i, he, self.dims, _capture_rows)
             if tap.io == "input":
                 h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
             else:
@@ -307,10 +319,13 @@ def _capture_hook(adapter: HFAdapter, i: int, b: HFBinding, dims, args, kwargs, 
     if not isinstance(x, torch.Tensor):
         return
     x = reading.view(b.tap, x.detach(), dims)
+    _capture_rows(adapter, i, b, x if b.tap.flat or x.dim() < 2 else x.flatten(0, 1))
+
+
+def _capture_rows(adapter: HFAdapter, i: int, b: HFBinding, rows_x: torch.Tensor) -> None:
     s = adapter.session
     if torch.compiler.is_compiling():
         # Traced into the graph: exactly one dmi::capture node reading the plan's tensors.
-        rows_x = x if b.tap.flat else x.flatten(0, 1)
         if b.row_shape is None or b.dtype is None:
             raise ValueError(f"dmi: {b.name} has no row layout known at attach ({b.source}), which capture inside "
                              f"a compiled forward needs; capture it in eager mode or drop it from the spec")
@@ -320,7 +335,7 @@ def _capture_hook(adapter: HFAdapter, i: int, b: HFBinding, dims, args, kwargs, 
         ring, rows, ctrl, slot = s.capture_args(i)
         capture_op(ring, rows_x, rows, ctrl, slot)
     else:
-        s.capture(i, x, flat=b.tap.flat)
+        s.capture(i, rows_x, flat=True)
 
 
 def _get_compiled_call(adapter: HFAdapter, original, *args, **kwargs):

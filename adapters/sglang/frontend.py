@@ -81,6 +81,14 @@ def validate(spec: CaptureSpec, hmap: HookMap) -> CaptureSpec:
             f"for {len(bindings)} hooks); raise ring.bytes to at least {need}, or select fewer hooks")
     if spec.degrade is not None:
         hmap.resolve(spec.degrade.fallback.hooks)
+    if spec.interventions:  # hooks, values, files and stored runs, checked as the scheduler will
+        from dmi.interventions.edits import Edits
+        from dmi.session import _predicate
+
+        from .edits import check
+
+        check(Edits(spec, _Validating(hmap), [b.name for b in bindings], _predicate, lambda k, m: None,
+                    device="cpu"))
     spec = absolute_sink(spec)
     plugins.sink_for(spec.sink)  # a bad path fails here; nothing is created before open()
     if hmap.tp_size > 1:
@@ -104,8 +112,31 @@ def validate_env_spec(model_path: str | None, tp_size: int = 1) -> None:
     os.environ[control.ENV_SPEC] = spec.to_json()
 
 
+class _Validating:
+    """What dmi.interventions needs of an adapter to check a spec, from the hook map alone."""
+
+    engine_name = "sglang"
+    supports_interventions = True
+
+    def __init__(self, hmap: HookMap):
+        import torch
+
+        # the caller's map knows no dtype (row layouts are fixed next to the model): the config's
+        dtype = hmap.dtype or getattr(torch, str(getattr(hmap.cfg, "torch_dtype", None) or "float32")
+                                      .removeprefix("torch."), torch.float32)
+        self.bind = HookMap(hmap.table, hmap.cfg, hmap.dtype_size, dtype=dtype).bind
+
+    @staticmethod
+    def editable(b) -> str | None:
+        from .edits import site
+
+        where = site(b)
+        return where if isinstance(where, str) else None
+
+
 class SGLangAdapter(RemoteAdapter):
     engine_name = "sglang"
+    supports_interventions = True
 
     def __init__(self, engine, tables=None):
         super().__init__(engine)

@@ -12,6 +12,7 @@ import torch
 from dmi.adapter import Adapter
 from dmi.plan import LOGITS
 
+from . import edits as sglang_edits
 from .hooks import HookMap, SBinding
 from .rows import Coverage, row_table
 from .tables import BUILTIN_TABLES
@@ -28,6 +29,7 @@ def table_for(hf_config, tables=BUILTIN_TABLES):
 
 class SGLangWorkerAdapter(Adapter):
     engine_name = "sglang"
+    supports_interventions = True
 
     def __init__(self, runner, table, model_path: str = "", in_flight=(), tp: tuple[int, int] = (1, 0)):
         super().__init__(runner)
@@ -61,9 +63,24 @@ class SGLangWorkerAdapter(Adapter):
     def bind(self, patterns):
         return self.map.bind(patterns)
 
+    def editable(self, b: SBinding) -> str | None:
+        where = sglang_edits.site(b)
+        return where if isinstance(where, str) else None
+
     # -- arming -----------------------------------------------------------------------
     def arm(self, session, bindings: list[SBinding]) -> None:
         try:
+            # Edits first: a capture on the same module then sees the edited value ("after"),
+            # except where the spec asks for "before" (that hook's edits go after its capture).
+            edited = session.edits.hooks if session.edits is not None else {}
+            if edited:
+                sglang_edits.check(session.edits)
+            late = []
+            for he in edited.values():
+                if he.before:
+                    late.append(he)
+                else:
+                    self._arm_edit(he)
             for i, b in enumerate(bindings):
                 mod = self.model.get_submodule(b.where.module)
                 fn = functools.partial(_capture, self, i, b)
@@ -72,10 +89,23 @@ class SGLangWorkerAdapter(Adapter):
                 else:
                     h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
                 self._handles.append(h)
+            for he in late:
+                self._arm_edit(he)
         except BaseException:
             self.disarm()
             raise
         self.session = session  # last: the step hook only acts once every capture point is in place
+
+    def _arm_edit(self, he) -> None:
+        module, io, mode = sglang_edits.site(he.binding)
+        mod = self.model.get_submodule(module)
+        view = functools.partial(_edit_view, he.binding, self.map.dims)
+        fn = functools.partial(sglang_edits.hook, self, he, mode, view)
+        if io == "input":
+            h = mod.register_forward_pre_hook(lambda m, a, k, _fn=fn: _fn(a, k, None), with_kwargs=True)
+        else:
+            h = mod.register_forward_hook(lambda m, a, k, o, _fn=fn: _fn(a, k, o), with_kwargs=True)
+        self._handles.append(h)
 
     def disarm(self) -> None:
         self.session = None
@@ -156,6 +186,11 @@ def _view(b: SBinding, x: torch.Tensor, d) -> torch.Tensor:
     if v == "v":
         return x[:, q + kv:q + 2 * kv].unflatten(-1, (d.n_kv_heads, d.head_dim))
     raise ValueError(f"unknown SGLang tap view {v!r}")
+
+
+def _edit_view(b: SBinding, d, x: torch.Tensor) -> torch.Tensor:
+    """An edited tensor as rows [tokens, *row] (a pure reshape of it)."""
+    return _view(b, x, d).reshape(x.shape[0], *b.row_shape)
 
 
 def _capture(adapter: SGLangWorkerAdapter, i: int, b: SBinding, args, kwargs, output) -> None:

@@ -27,6 +27,7 @@ def compiled(vllm_config) -> bool:
 
 class VllmAdapter(RemoteAdapter):
     engine_name = "vllm"
+    supports_interventions = True
 
     def __init__(self, llm, table: VllmTable):
         super().__init__(llm)
@@ -51,6 +52,11 @@ class VllmAdapter(RemoteAdapter):
 
     def bind(self, patterns):
         return self.hooks.bind(patterns)
+
+    def editable(self, b) -> str | None:
+        from .edits import not_editable
+
+        return not_editable(b.tap, self.vllm_config.parallel_config.tensor_parallel_size)
 
     def open_session(self, spec: CaptureSpec, progress: bool = False) -> VllmSession:
         armed = armed_spec(self.vllm_config)
@@ -82,6 +88,11 @@ class VllmAdapter(RemoteAdapter):
             from dmi.session import _predicate
 
             _predicate(spec.requests.predicate)
+        if spec.interventions:  # hooks, values, files and stored runs, checked as the workers will
+            from dmi.interventions.edits import Edits
+            from dmi.session import _predicate
+
+            Edits(spec, self, [b.name for b in bindings], _predicate, lambda k, m: None, device="cpu")
         plugins.sink_for(spec.sink)  # a sink creates nothing before open()
         tp = self.vllm_config.parallel_config.tensor_parallel_size
         if tp > 1:

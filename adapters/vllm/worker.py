@@ -26,6 +26,7 @@ from dmi.kernels.capture_op import capture as capture_op
 from dmi.plan import LOGITS
 from dmi.session import Session
 
+from . import edits as vllm_edits
 from .binding import Hooks, VBinding, rank_sink
 from .rows import RowBook, external_id
 from .tables import read, table_for
@@ -49,6 +50,7 @@ class WorkerSession(Session):
 
 class WorkerAdapter(Adapter):
     engine_name = "vllm"
+    supports_interventions = True
 
     def __init__(self, worker, family: str | None = None):
         runner = worker.model_runner
@@ -85,6 +87,17 @@ class WorkerAdapter(Adapter):
     def bind(self, patterns):
         return self.hooks.bind(patterns)
 
+    def editable(self, b: VBinding) -> str | None:
+        return vllm_edits.not_editable(b.tap, self.tp_size)
+
+    # The compiled graph holds the edit table for the engine's lifetime: sized once for the
+    # largest step, never replaced (a larger step is refused loudly, never run unsteered).
+    edit_table_grows = False
+
+    @property
+    def edit_rows(self) -> int:
+        return int(getattr(self.worker.vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 0)
+
     # -- arming ------------------------------------------------------------------------
     def arm(self, session, bindings: list[VBinding]) -> None:
         self.session = session
@@ -95,8 +108,15 @@ class WorkerAdapter(Adapter):
         self._ring, self._control = session.ring.buffer, session.planner.control
         model = self.runner.model
         by_method: dict[tuple[int, str], tuple[object, list]] = {}
-        for i, b in enumerate(bindings):
-            fn = functools.partial(self._hook, i, b)
+        edited = session.edits.hooks if session.edits is not None else {}
+        points = [(i, b, edited.get(b.name)) for i, b in enumerate(bindings)]
+        points += [(None, he.binding, he) for he in edited.values() if he.capture is None]
+        for i, b, he in points:
+            if he is None:
+                fn = functools.partial(self._hook, i, b)
+            else:  # the edit table, like the plan's tensors, is held for the graph's lifetime
+                self._sel = session.edits.sel
+                fn = functools.partial(vllm_edits.hook, i, he, self.dims, self._sel, self._capture)
             if b.tap.method is not None:
                 obj = functools.reduce(getattr, b.path.split("."), model)
                 by_method.setdefault((id(obj), b.tap.method), (obj, []))[1].append(fn)
@@ -192,7 +212,7 @@ class WorkerAdapter(Adapter):
         logits = [i for i, b in enumerate(s.bindings) if b.group == LOGITS]
         tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
         for rid, pos, why in rows.skipped:  # only a logits row's own position can be a logits gap
-            s.not_computed(rid, pos, why, hooks=tokens)
+            s.not_computed(rid, pos, why, hooks=tokens, edits=True)
         for rid, pos, why in rows.skipped_logits:
             s.not_computed(rid, pos, why, hooks=logits)
         self.session.begin_step(rows.tokens, {LOGITS: rows.logits})
@@ -202,6 +222,9 @@ class WorkerAdapter(Adapter):
         x = read(b.tap, self.dims, args, kwargs, out, b.factor)
         if x is None:
             return
+        self._capture(i, x)
+
+    def _capture(self, i: int, x: torch.Tensor) -> None:
         if torch.compiler.is_compiling():  # traced: one dmi::capture node reading the plan's tensors
             capture_op(self._ring, x, self._control.rows, self._control.ctrl, i)
         elif self.session is not None:

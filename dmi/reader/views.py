@@ -18,6 +18,13 @@ class UnknownName(KeyError):
 
 
 class RunViews:
+    @property
+    def interventions(self) -> dict[str, Any]:
+        """The interventions' books: for each, which (request, [start, stop) position ranges) it
+        applied to ("requests"), and rows it could not apply to ("failed", by reason)."""
+        books = self.stats.get("interventions")
+        return books if isinstance(books, dict) else {}
+
     # -- request ids ------------------------------------------------------------------------
 
     def request_id(self, request: Any) -> str:
