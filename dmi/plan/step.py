@@ -39,6 +39,7 @@ class HookRows:
     dtype: Any = None
     dynamic: bool = False        # placed by an eager-only capture during the step, outside the frame
     fired: bool = False          # eager: its capture point ran this step (frames split only between hooks)
+    slot: int | None = None      # its own source-row list in the control table (per-request masks)
 
 
 @dataclass
@@ -79,6 +80,17 @@ class Planner:
         self.control = ControlTable(len(bindings), len(self.groups), device)
         self.header = PayloadRing.aligned(8 * len(bindings))
         self.fixed = [b.row_shape is not None and b.dtype is not None for b in bindings]
+        # Served engines: each request may select its own hooks and tokens (dmi/serve). A
+        # callable (group, table) -> bool [hooks, rows] or None (every request takes the spec).
+        self.request_masks = None
+
+    def enable_request_masks(self, masks) -> None:
+        """Let `masks(group, table)` narrow each hook's rows per request. A hook's rows may then
+        differ from its group's, so every hook gets a source-row list of its own in the control
+        table (made before any graph captures its tensors)."""
+        self.request_masks = masks
+        self.control = ControlTable(len(self.bindings), len(self.groups) + len(self.bindings),
+                                    self.control.device, self.control.capacity)
 
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
@@ -89,15 +101,24 @@ class Planner:
             real = table.request >= 0
             kept[g] = (keep, fb, int(real.sum()), int(real.sum() - keep.sum()))
         frame = Frame(step, tables, header=self.header)
+        masks = ({g: self.request_masks(g, t) for g, t in tables.items()} if self.request_masks is not None
+                 else dict.fromkeys(tables))
         sizes = []
         for i, b in enumerate(self.bindings):
             keep, fb, produced, filtered = kept[b.group]
+            mask = masks[b.group]
+            if mask is not None:  # rows no request asked this hook for are filtered, not lost
+                filtered += int((keep & ~mask[i]).sum())
+                keep = keep & mask[i]
+                fb = fb & mask[i] if fb is not None else None
             if degraded:
                 rows = fb if i in self.fallback else np.zeros_like(keep)
             else:
                 rows = keep
             src = np.flatnonzero(rows)
             h = HookRows(i, b.group, src, produced, filtered, np.flatnonzero(keep & ~rows))
+            if mask is not None:
+                h.slot = len(self.groups) + i
             if self.fixed[i]:
                 h.row_shape, h.dtype = tuple(b.row_shape), b.dtype
                 h.nbytes = len(src) * b.row_bytes
@@ -142,6 +163,9 @@ class Planner:
             src = np.flatnonzero(fb if degraded else keep)
             if len(src) <= ctrl.capacity:
                 ctrl.rows_np[self.group_index[g], : len(src)] = src
+        for h in frame.hooks:
+            if h.slot is not None and len(h.src) <= ctrl.capacity:
+                ctrl.rows_np[h.slot, : len(h.src)] = h.src
         ctrl.send()
 
     def _point(self, frame: Frame, h: HookRows, offset: int, header: int, row_bytes: int | None = None) -> None:
@@ -149,7 +173,8 @@ class Planner:
         writes only a tensor of the group's row count and `row_bytes` (default: the binding's)."""
         h.offset = offset
         rb = self.bindings[h.hook].row_bytes if row_bytes is None else row_bytes
-        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group],
+        slot = self.group_index[h.group] if h.slot is None else h.slot
+        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), slot,
                                         frame.tables[h.group].n_rows, rb, header + 8 * h.hook)
         frame.placed.append(h)
 
