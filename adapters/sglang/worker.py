@@ -112,8 +112,11 @@ class SGLangWorkerAdapter(Adapter):
         names = [control.row_name(str(r)) for r in (fb.rids or [])]
         for name in names:
             self.requests.add(name, control.request_info(name))
+        # A radix-cache hit never covers a position with a logits row (the engine always computes
+        # the prompt's last token): those gaps belong to the token hooks only.
+        tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
         for rid, pos, reason in self.coverage.step(fb, names):
-            s.not_computed(rid, pos, reason)
+            s.not_computed(rid, pos, reason, hooks=tokens if reason == "prefix_cache" else None)
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
         rows, last = row_table(fb, n, self.coverage.before, names)
         # The logits processor computes one row per request, at its last row of the step.

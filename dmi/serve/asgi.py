@@ -36,6 +36,7 @@ from .policy import ServePolicy
 
 log = logging.getLogger("dmi")
 
+ANONYMOUS = "anonymous"
 KINDS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/generate": "generate"}
 
 
@@ -153,8 +154,12 @@ class DmiMiddleware:
         headers = _headers(scope)
         try:
             tenant = f.tenant_of(headers)
+            if tenant is None and _bearer(headers) is None and not _asks(f.engine, kind, body):
+                tenant = ANONYMOUS  # no key, nothing asked (the server's own warm-up): served as before
             if tenant is None:
-                raise rq.RequestError("authorization", "this API key maps to no tenant of this server", 401)
+                raise rq.RequestError("authorization", "a request with a dmi field needs an API key this server "
+                                                       "maps to a tenant" if _bearer(headers) is None else
+                                      "this API key maps to no tenant of this server", 401)
             entry, info = self._admit(kind, body, tenant)
         except rq.RequestError as e:
             return await _json(send, e.status, {"error": {"message": str(e), "type": "BadRequestError",
@@ -439,6 +444,11 @@ def _carrier(engine: str, kind: str, body: dict) -> dict | None:
         return cp if isinstance(cp, dict) else None
     cp = body.get("custom_params")
     return cp if isinstance(cp, dict) else None
+
+
+def _asks(engine: str, kind: str, body: dict) -> bool:
+    carrier = _carrier(engine, kind, body)
+    return "dmi" in body or (carrier is not None and "dmi" in carrier)
 
 
 def _inject(engine: str, kind: str, body: dict, info: str) -> None:
