@@ -234,8 +234,8 @@ class DmiMiddleware:
                                          f"{p.max_tenant_bytes} per tenant: DELETE /v1/dmi/requests/<id> of "
                                          f"finished ones, or wait for retention", 429)
         inline_pos = "last"
-        if spec is not None and spec.inline:
-            inline_pos = spec.inline.positions if isinstance(spec.inline, rq.Inline) else "last"
+        if spec is not None and spec.inline is not None:
+            inline_pos = spec.inline.positions
             if inline_pos == "all" and rows * f.served.bytes_of(checked.inline_hooks) > p.inline_max_bytes:
                 raise rq.RequestError("dmi.inline", f"all rows of this request may take "
                                                     f"{rows * f.served.bytes_of(checked.inline_hooks)} bytes, over "

@@ -15,6 +15,7 @@ a plugin: such fields are unknown fields.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, Union
 
 import pydantic
@@ -42,8 +43,15 @@ class Inline(_Strict):
 class RequestSpec(_Strict):
     hooks: list[str] | None = None
     tokens: TokenFilter | None = None
-    inline: Union[bool, Inline] = False
+    inline: Inline | None = None       # true: Inline(); false: None
     interventions: list[dict[str, Any]] | None = None
+
+    @field_validator("inline", mode="before")
+    @classmethod
+    def _flag(cls, v):
+        if v is True:
+            return {}
+        return None if v is False else v
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -73,7 +81,14 @@ def parse(obj: Any) -> RequestSpec:
         return RequestSpec.model_validate(obj)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
+        fields = []
+        for x in err["loc"]:  # field names, up to pydantic's union-branch labels ("literal[...]")
+            if isinstance(x, int):
+                continue
+            if not re.match(r"^[A-Za-z_]\w*$", str(x)) or x in ("bool", "str", "int", "list", "dict"):
+                break
+            fields.append(str(x))
+        loc = ".".join(fields)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent = {"inline": Inline, "tokens": TokenFilter}.get(str(err["loc"][0]), RequestSpec) \
@@ -114,8 +129,8 @@ def check(spec: RequestSpec | None, policy, served) -> Checked:
         except SpecError as e:
             raise RequestError("dmi.hooks", str(e).split(": ", 1)[-1]) from None
     inline_hooks: list[str] = []
-    if spec.inline:
-        inline = spec.inline if isinstance(spec.inline, Inline) else Inline()
+    if spec.inline is not None:
+        inline = spec.inline
         if inline.hooks is None:
             inline_hooks = hooks
         else:
