@@ -207,6 +207,8 @@ class DmiMiddleware:
             await self.app(scope, _replay(new, receive), send_wrapped)
         finally:
             entry.done = True
+            if entry.status is not None and entry.status != 200:
+                f.forget(entry.uid)  # the engine refused it: nothing to read, nothing to count
 
     def _admit(self, kind: str, body: dict, tenant: str):
         f = self.front
