@@ -215,3 +215,29 @@ def test_tenant_quota_is_429_and_frees_on_delete():
     assert st == 429 and err["error"]["param"] == "dmi"
     _call(mw, "DELETE", f"/v1/dmi/requests/{docs[0]['dmi']['id']}", token=docs[0]["dmi"]["token"])
     assert _call(mw, "POST", "/v1/completions", body)[0] == 200
+
+
+def test_sglang_requests_are_named_apart_and_by_arrival():
+    """A rid reused after its request ended gets a new name; one HTTP request's engine requests
+    are named (prompt, choice) in SGLang's send order, prefill-only ones as the prefix."""
+    from types import SimpleNamespace as NS
+
+    from dmi.adapters.sglang import control
+
+    def req(rid, info=None, max_new=4):
+        cp = {"dmi": json.dumps(info)} if info else None
+        r = NS(rid=rid, sampling_params=NS(custom_params=cp, max_new_tokens=max_new))
+        control.new_request(r)
+        return control.row_name(rid)
+
+    assert req("x") == "x" and req("x") == "x#1" and req("x") == "x#2"
+    assert req("HEALTH_CHECK_1") == "HEALTH_CHECK_1"
+    uid = "00112233445566aa"
+    info = {"uid": uid, "n": 2, "prompts": 2}
+    names = [req("p0", info, 0), req("p1", info, 0)] + [req(f"s{k}", info) for k in range(4)]
+    assert names == [f"{uid}.0.prefix", f"{uid}.1.prefix", f"{uid}.0.0", f"{uid}.0.1", f"{uid}.1.0", f"{uid}.1.1"]
+    assert control.request_info(f"{uid}.1.1")["uid"] == uid
+    one = {"uid": "00112233445566bb", "n": 1, "prompts": 1}
+    assert req("dup", one) == "00112233445566bb.0.0"
+    two = {"uid": "00112233445566cc", "n": 1, "prompts": 1}
+    assert req("dup", two) == "00112233445566cc.0.0"  # the same rid again: the new request's own name

@@ -165,3 +165,40 @@ def test_two_tenants_one_server(tiny_dirs, tmp_path, load):
         pos = run.positions("blocks.0.hook_resid_post", name) if "blocks.0.hook_resid_post" in run.hooks else None
         if pos is not None and len(pos):
             assert pos.unique().numel() == pos.numel(), name
+
+
+def test_chat_choices_map_to_their_rows(tiny_dirs, tmp_path, load):
+    """Chat: choice j of the response is row id <uid>.0.j; each equals the oracle over the
+    tokens the chat template made (the response's prompt_token_ids)."""
+    import shutil
+
+    from dmi.tiny import build_byte_tokenizer
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(tiny_dirs["qwen3"], model)
+    build_byte_tokenizer(model)
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    sink, port = str(tmp_path / "chat.h5"), free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+           "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
+           "--kv-cache-memory-bytes", str(64 * 2**20), "--enforce-eager", "--chat-template", str(template),
+           "--additional-config", json.dumps({"dmi": {"hooks": HOOKS, "sink": sink}})]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    server = Server(cmd, env, tmp_path / "server.log", port)
+    hf = load("qwen3")
+    try:
+        c = Client(server.base)
+        r = c.chat(model=str(model), messages=[{"role": "user", "content": "hi there"}], max_tokens=3, n=2,
+                   temperature=1.0, seed=3, ignore_eos=True, return_token_ids=True,
+                   dmi={"hooks": ["blocks.1.hook_resid_post"]})
+        prompt = r["prompt_token_ids"]
+        assert len(r["choices"]) == 2 and r["id"].startswith("chatcmpl-")
+        man = c.manifest(r)["requests"][0]
+        assert sorted(p["name"] for p in man["parts"]) == [f"{r['dmi']['id']}.0.0", f"{r['dmi']['id']}.0.1"]
+        for ch in r["choices"]:
+            seq = list(prompt) + list(ch["token_ids"])[:-1]
+            assert_rows_match(c.rows(r, prompt=0, choice=ch["index"]), hf, seq,
+                              {"blocks.1.hook_resid_post": list(range(len(seq)))})
+    finally:
+        server.stop()
