@@ -254,6 +254,46 @@ def run(model: str, n: int, concurrency: int, time_limit: float, workdir: Path, 
     return report
 
 
+def run_interleaved(model: str, n: int, concurrency: int, time_limit: float, workdir: Path,
+                    block: int = 100) -> dict:
+    """Both servers up at once; blocks of `block` requests go to one, then the other, so slow
+    changes in the machine's load (a shared machine) hit both modes alike."""
+    servers = {}
+    for mode in ("unarmed", "armed"):
+        wd = workdir / mode
+        wd.mkdir(parents=True, exist_ok=True)
+        servers[mode] = start(model, mode == "armed", wd, max_num_seqs=concurrency)
+    results = {m: [] for m in servers}
+    walls = dict.fromkeys(servers, 0.0)
+    report = {}
+    try:
+        stop_at = time.time() + time_limit
+        for first in range(0, n, block):
+            for mode, (_, _, base, _) in servers.items():
+                if time.time() > stop_at:
+                    break
+                t0 = time.time()
+                got = load(base, model, min(block, n - first), concurrency, max(1.0, stop_at - time.time()),
+                           mode == "armed", seed=first)
+                walls[mode] += time.time() - t0
+                results[mode] += [{**r, "i": r["i"] + first} for r in got]
+        for mode, (_, _, base, _) in servers.items():
+            report[mode] = summarize(results[mode], server_side(base))
+            report[mode]["wall_s"] = walls[mode]
+        report["armed"]["lossless"] = verify(servers["armed"][2], results["armed"])
+    finally:
+        for proc, log, _, _ in servers.values():
+            stop(proc, log)
+    import dmi
+
+    run_ = dmi.open(servers["armed"][3])
+    books = all(c["produced"] == c["filtered"] + c["written"] + c["dropped"] and c["in_flight"] == 0
+                for c in run_.stats["hooks"].values())
+    report["armed"]["file"] = {"complete": bool(run_.complete), "books_balance": books,
+                               "requests": len(run_.requests), "errors": run_.stats.get("errors", [])[:3]}
+    return report
+
+
 def table(report: dict) -> str:
     rows = ["| mode | requests | server TTFT p50 / p99 (ms) | server TPOT p50 / p99 (ms) | client TTFT p50 / p99 (ms) "
             "| client TPOT p50 / p99 (ms) |", "|---|---|---|---|---|---|"]
@@ -274,6 +314,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="model folder (default: dmi's tiny Qwen3)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--modes", default="unarmed,armed")
+    ap.add_argument("--interleave", type=int, default=0, metavar="BLOCK",
+                    help="run both servers at once, alternating blocks of BLOCK requests between them")
     a = ap.parse_args(argv)
     workdir = Path(a.out or tempfile.mkdtemp(prefix="dmi-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +324,10 @@ def main(argv=None) -> None:
         from dmi.tiny import build_tiny_model
 
         model = str(build_tiny_model("qwen3", workdir / "tiny-qwen3"))
-    report = run(model, a.requests, a.concurrency, a.time_limit, workdir, tuple(a.modes.split(",")))
+    if a.interleave:
+        report = run_interleaved(model, a.requests, a.concurrency, a.time_limit, workdir, a.interleave)
+    else:
+        report = run(model, a.requests, a.concurrency, a.time_limit, workdir, tuple(a.modes.split(",")))
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     print(table(report))

@@ -121,3 +121,38 @@ def test_two_tenants_one_server(sgl_tiny, hf_model, tmp_path):
         server.stop(signal.SIGTERM)
     run = dmi.open(sink)
     assert not run.complete
+
+
+def test_openai_completions_map_choices_to_rows(sgl_tiny, hf_model, tmp_path):
+    """SGLang's /v1/completions (the spec through custom_params): prompts x n choices, choice k
+    of the response is row id <uid>.<k // n>.<k % n>, each equal to the oracle."""
+    require_sglang()
+    import shutil
+
+    from dmi.tiny import build_byte_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(sgl_tiny("qwen3"), model)
+    build_byte_tokenizer(model)
+    sink, port = str(tmp_path / "oa.h5"), free_port()
+    env = {**os.environ, "DMI_SPEC": json.dumps({"hooks": HOOKS, "sink": sink})}
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
+           "--disable-cuda-graph", "--attention-backend", "torch_native", "--max-total-tokens", "4096",
+           "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    server = Server(cmd, env, tmp_path / "server.log", port)
+    hf = hf_model("qwen3")
+    try:
+        c = Client(server.base)
+        prompts = [[141, 62, 63], [151, 72, 73, 74]]
+        spec = {"hooks": ["blocks.0.hook_resid_post"]}
+        r = c.completions(model="default", prompt=prompts, max_tokens=3, n=2, temperature=0, ignore_eos=True,
+                          return_token_ids=True, custom_params={"dmi": json.dumps(spec)})
+        assert len(r["choices"]) == 4
+        for ch in r["choices"]:
+            p, j = divmod(ch["index"], 2)
+            rows = c.rows(r, prompt=p, choice=j)
+            assert rows["__dmi__"]["name"] == f"{r['dmi']['id']}.{p}.{j}"
+            seq = prompts[p] + list(ch["token_ids"])[:-1]
+            assert_rows_match(rows, hf, seq, {"blocks.0.hook_resid_post": list(range(len(seq)))})
+    finally:
+        server.stop(signal.SIGTERM)
