@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 
 from dmi.errors import EngineNotSupportedError, SessionStateError
 from dmi.tp import rank_sink
@@ -19,7 +20,64 @@ RPC_METHOD = "dmi_control"
 ENV_SPEC = "DMI_SPEC"
 
 # This process's state: one model runner, at most one session on it.
-_STATE: dict = {"runner": None, "adapter": None, "session": None, "armed_at_start": False}
+_STATE: dict = {"runner": None, "adapter": None, "session": None, "armed_at_start": False, "channel": None}
+
+# Row ids (dmi/serve/names.py). SGLang refuses a rid while a request with it runs, but takes
+# it again once that request ended: each new request (Req) is named when the scheduler
+# creates it, so a rid maps to its live request's row id and two requests never merge.
+_NAMES: "OrderedDict[str, str]" = OrderedDict()      # live rid -> row id
+_INCARNATIONS: "OrderedDict[str, int]" = OrderedDict()  # rid -> requests seen with it
+_INFO: "OrderedDict[str, dict]" = OrderedDict()      # row id -> the front end's request info
+_COUNTS: "OrderedDict[str, list[int]]" = OrderedDict()  # uid -> [prefix requests, samples] seen
+_LIMIT = 1 << 16
+
+
+def _put(d: OrderedDict, key, value) -> None:
+    d[key] = value
+    d.move_to_end(key)
+    while len(d) > _LIMIT:
+        d.popitem(last=False)
+
+
+def new_request(req) -> None:
+    """Name a request the scheduler just created (Req.__init__)."""
+    from dmi.serve.engine import KEY, decode
+    from dmi.serve.names import PREFIX
+    from dmi.serve.names import row_name as served
+
+    from .rows import HEALTH_CHECK_PREFIX
+
+    rid = str(getattr(req, "rid", ""))
+    if not rid or rid.startswith(HEALTH_CHECK_PREFIX):
+        return
+    sp = getattr(req, "sampling_params", None)
+    info = decode((getattr(sp, "custom_params", None) or {}).get(KEY))
+    if info is not None and "uid" in info:
+        # One HTTP request arrives as its requests in order: with n > 1, first one prefill-only
+        # request per prompt (max_new_tokens 0, the shared prompt), then prompt by prompt its n samples.
+        uid, n = str(info["uid"]), int(info.get("n", 1) or 1)
+        counts = _COUNTS.get(uid) or [0, 0]
+        if n > 1 and getattr(sp, "max_new_tokens", None) == 0:
+            name = served(uid, counts[0], PREFIX)
+            counts[0] += 1
+        else:
+            name = served(uid, counts[1] // n, counts[1] % n)
+            counts[1] += 1
+        _put(_COUNTS, uid, counts)
+        _put(_INFO, name, info)
+    else:
+        k = _INCARNATIONS.get(rid, 0)
+        name = rid if k == 0 else f"{rid}#{k}"
+        _put(_INCARNATIONS, rid, k + 1)
+    _put(_NAMES, rid, name)
+
+
+def row_name(rid: str) -> str:
+    return _NAMES.get(rid, rid)
+
+
+def request_info(name: str) -> dict | None:
+    return _INFO.get(name)
 
 
 class CudaGraphAttachError(SessionStateError):
@@ -88,7 +146,12 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
     adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
                                   in_flight=in_flight(scheduler), tp=(tp_size, rank))
     session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))
-    _STATE.update(adapter=adapter, session=session, armed_at_start=at_start)
+    from dmi.serve.engine import ServeChannel, run_path
+
+    # Every rank watches the front end (and closes when it dies); rank 0 answers the served
+    # flush handshake for the run (a handshake per rank would race on one file).
+    _STATE.update(adapter=adapter, session=session, armed_at_start=at_start,
+                  channel=ServeChannel(session, run_path(spec.sink) if rank == 0 else None))
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
     return {"hooks": session.names, "rank": rank}
 
@@ -149,7 +212,9 @@ def handle(op: str, spec: str = "", timeout: float = -1.0, scheduler=None, famil
         s.flush(None if timeout < 0 else timeout)
         return {}
     if op == "close":
-        _STATE.update(adapter=None, session=None, armed_at_start=False)
+        if _STATE.get("channel") is not None:
+            _STATE["channel"].stop()
+        _STATE.update(adapter=None, session=None, armed_at_start=False, channel=None)
         s.close()
         return {"stats": s.stats()}
     raise ValueError(f"dmi: unknown control op {op!r}")

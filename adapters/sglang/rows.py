@@ -27,11 +27,13 @@ from dmi.plan.rows import DECODE, PREFILL, RowTable
 HEALTH_CHECK_PREFIX = "HEALTH_CHECK"
 
 
-def row_table(fb, n_rows: int, recorded: dict[str, int] | None = None) -> tuple[RowTable, np.ndarray]:
+def row_table(fb, n_rows: int, recorded: dict[str, int] | None = None,
+              names: list[str] | None = None) -> tuple[RowTable, np.ndarray]:
     """(rows of the step, index of each request's last row; -1 where a padded logits row is).
-    `recorded`: per request, the first position not recorded yet; rows before it are left out."""
+    `recorded`: per request, the first position not recorded yet; rows before it are left out.
+    `names`: the row id of each of the batch's requests (default: its rid)."""
     mode = fb.forward_mode
-    rids = [str(r) for r in (fb.rids or [])]
+    rids = list(names) if names is not None else [str(r) for r in (fb.rids or [])]
     request = np.full(n_rows, -1, dtype=np.int32)
     position = np.zeros(n_rows, dtype=np.int64)
     phase = np.full(n_rows, PREFILL, dtype=np.int8)
@@ -67,12 +69,12 @@ def row_table(fb, n_rows: int, recorded: dict[str, int] | None = None) -> tuple[
                     phase=phase), last
 
 
-def extend_gaps(fb) -> list[tuple[str, int, int]]:
+def extend_gaps(fb, names: list[str] | None = None) -> list[tuple[str, int, int]]:
     """(request id, first new position, prefix length) of each extending request."""
     if not fb.forward_mode.is_extend() or fb.extend_prefix_lens_cpu is None:
         return []
-    return [(str(r), int(p), int(n)) for r, p, n in zip(fb.rids or [], fb.extend_prefix_lens_cpu,
-                                                       fb.extend_seq_lens_cpu)]
+    ids = names if names is not None else fb.rids or []
+    return [(str(r), int(p), int(n)) for r, p, n in zip(ids, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)]
 
 
 class Coverage:
@@ -87,20 +89,21 @@ class Coverage:
         self.before: dict[str, int] = {}
         self.limit = limit
 
-    def step(self, fb) -> list[tuple[str, np.ndarray, str]]:
+    def step(self, fb, names: list[str] | None = None) -> list[tuple[str, np.ndarray, str]]:
         """Advance with this step; return (request, positions, reason) for positions the session
         will never see computed: "prefix_cache", or "before_attach" for a request in flight at
         attach. `before` keeps where each of the step's requests stood (row_table's `recorded`)."""
         skipped = []
-        self.before = {str(r): self.done[str(r)] for r in (fb.rids or []) if str(r) in self.done}
+        ids = names if names is not None else [str(r) for r in (fb.rids or [])]
+        self.before = {r: self.done[r] for r in ids if r in self.done}
         if fb.forward_mode.is_decode():
-            for rid, seq in zip(fb.rids or [], fb.seq_lens_cpu.tolist()):
+            for rid, seq in zip(ids, fb.seq_lens_cpu.tolist()):
                 rid, seq = str(rid), int(seq)
                 if rid not in self.done and rid in self.started and seq > 1:
                     skipped.append((rid, np.arange(0, seq - 1, dtype=np.int64), "before_attach"))
                 self._set(rid, seq)
             return skipped
-        for rid, prefix, n in extend_gaps(fb):
+        for rid, prefix, n in extend_gaps(fb, ids):
             if rid.startswith(HEALTH_CHECK_PREFIX):
                 continue
             seen = self.done.get(rid, 0)

@@ -10,6 +10,10 @@ process it starts. It installs, through SGLang's HookRegistry:
 - Scheduler.on_idle (scheduler): flushes what was captured once the engine has nothing to
   run, so a server that is killed (SGLang's shutdown SIGKILLs the scheduler) leaves every
   finished request's rows committed in the file;
+- Req.__init__ (scheduler): names each new request with a row id of its own
+  (dmi/serve/names.py), so a rid sent again never merges two requests;
+- http_server.launch_server (the server process, when DMI_SPEC arms it): adds dmi's front end
+  (dmi/serve/asgi.py) to the server's app: per-request specs, `/v1/dmi/...`;
 - Scheduler.dmi_control: the method the Engine's collective_rpc calls to open, steer and close
   the scheduler-side session (dmi.attach on a running Engine).
 
@@ -25,7 +29,18 @@ _MR = "sglang.srt.model_executor.model_runner.ModelRunner"
 
 
 def load() -> None:
+    import multiprocessing
+    import os
+
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from dmi.serve.engine import mark_front_end
+
+    mark_front_end()
+    HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _after_req_init, HookType.AFTER)
+    if multiprocessing.parent_process() is None and os.environ.get("DMI_SPEC"):
+        HookRegistry.register("sglang.srt.entrypoints.http_server.launch_server", _before_launch_server,
+                              HookType.BEFORE)
 
     # (not __post_init__: ServerArgs is a msgspec Struct, which calls the original directly)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", _validate_env_spec, HookType.AFTER)
@@ -45,6 +60,30 @@ def _add_rpc_method() -> None:
 
     if not hasattr(Scheduler, RPC_METHOD):
         setattr(Scheduler, RPC_METHOD, rpc)
+
+
+def _after_req_init(result, self, *args, **kwargs):
+    from . import control
+
+    control.new_request(self)
+    return result
+
+
+def _before_launch_server(server_args, *args, **kwargs):
+    """Adds dmi's middleware to SGLang's app before the server starts (a bad DMI_SERVE policy
+    stops it here, naming the field)."""
+    import json
+    import os
+
+    from sglang.srt.entrypoints import http_server
+
+    from dmi.serve.asgi import DmiMiddleware, Front
+
+    spec = json.loads(os.environ["DMI_SPEC"])
+    front = Front.create("sglang", spec, os.environ.get("DMI_SERVE"), model=str(server_args.model_path),
+                         max_len=getattr(server_args, "context_length", None))
+    http_server.app.add_middleware(DmiMiddleware, front=front)
+    return None
 
 
 def _validate_env_spec(result, self, *args, **kwargs):

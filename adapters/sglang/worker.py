@@ -44,6 +44,7 @@ class SGLangWorkerAdapter(Adapter):
         self.model_path = model_path
         self.session = None
         self.coverage = Coverage(started=in_flight)
+        self.requests = None  # dmi.serve.engine.RequestTable, once armed
         self._handles: list = []
 
     @property
@@ -94,6 +95,10 @@ class SGLangWorkerAdapter(Adapter):
         except BaseException:
             self.disarm()
             raise
+        from dmi.serve.engine import RequestTable
+
+        self.requests = RequestTable(session.names)
+        session.planner.enable_request_masks(self.requests.masks)
         self.session = session  # last: the step hook only acts once every capture point is in place
 
     def _arm_edit(self, he) -> None:
@@ -135,11 +140,20 @@ class SGLangWorkerAdapter(Adapter):
             return False
 
     def _begin(self, fb) -> None:
+        from . import control
+
         s = self.session
-        for rid, pos, reason in self.coverage.step(fb):
-            s.not_computed(rid, pos, reason)
+        # Row ids, not rids: a client may send a rid again once its first request ended (names.py).
+        names = [control.row_name(str(r)) for r in (fb.rids or [])]
+        for name in names:
+            self.requests.add(name, control.request_info(name))
+        # A radix-cache hit never covers a position with a logits row (the engine always computes
+        # the prompt's last token): those gaps belong to the token hooks only.
+        tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
+        for rid, pos, reason in self.coverage.step(fb, names):
+            s.not_computed(rid, pos, reason, hooks=tokens if reason == "prefix_cache" else None)
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
-        rows, last = row_table(fb, n, self.coverage.before)
+        rows, last = row_table(fb, n, self.coverage.before, names)
         # The logits processor computes one row per request, at its last row of the step.
         s.begin_step(rows, {LOGITS: rows.take(last)})
 

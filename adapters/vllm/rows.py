@@ -50,22 +50,23 @@ class RowBook:
     next_logit: dict[str, int] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)   # in the batch when the session opened
 
-    def forget(self, internal_ids) -> None:
-        for rid in internal_ids:
-            ext = external_id(rid)
-            self.next_pos.pop(ext, None)
-            self.next_logit.pop(ext, None)
+    def forget(self, names) -> None:
+        """names: the row ids of finished requests (what `step` recorded them under)."""
+        for name in names:
+            self.next_pos.pop(name, None)
+            self.next_logit.pop(name, None)
 
     def step(self, req_ids: list[str], counts: np.ndarray, positions: np.ndarray, num_tokens: np.ndarray,
-             num_prompt: np.ndarray) -> StepRows:
+             num_prompt: np.ndarray, names: list[str] | None = None) -> StepRows:
         """req_ids: the batch's engine ids in row order; counts: scheduled tokens of each;
         positions: every row's position (padded length); num_tokens / num_prompt: each
-        request's known tokens (prompt + output) and prompt length."""
+        request's known tokens (prompt + output) and prompt length; names: the row id of each
+        request (default: its external id)."""
         n = len(positions)
         request = np.full(n, -1, np.int32)
         position = np.zeros(n, np.int64)
         phase = np.full(n, PREFILL, np.int8)
-        ids = [external_id(r) for r in req_ids]
+        ids = names if names is not None else [external_id(r) for r in req_ids]
         l_request = np.full(len(req_ids), -1, np.int32)
         l_position = np.zeros(len(req_ids), np.int64)
         l_phase = np.full(len(req_ids), PREFILL, np.int8)

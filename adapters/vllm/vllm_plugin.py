@@ -7,6 +7,8 @@ each worker) before any model exists, possibly more than once per process.
   `additional_config={"dmi": spec}`, the worker opens its session right after the model
   loads, before vLLM compiles it, so the capture points become part of the compiled graph.
 - Wraps the worker's `shutdown` so an armed session (a served engine) writes out its file.
+- In the OpenAI-compatible API server, when it is armed, adds dmi's front end
+  (dmi/serve/asgi.py): per-request specs, unique row ids, `/v1/dmi/...`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ RPC = {
 
 
 def register() -> None:
+    from dmi.serve.engine import mark_front_end
+
+    mark_front_end()
+    _patch_api_server()
     try:
         from vllm.v1.worker.worker_base import WorkerBase
     except ImportError:  # a vLLM without the v1 worker: dmi's adapter refuses it at attach
@@ -43,6 +49,54 @@ def register() -> None:
         return
     _patch(Worker, "load_model", _after_load)
     _patch(Worker, "shutdown", _before_shutdown)
+
+
+def _patch_api_server() -> None:
+    """Add dmi's middleware when vLLM's API server builds its app (only in that process: the
+    module is imported there before the engine config, and so this plugin, loads)."""
+    import sys
+
+    app_mod = sys.modules.get("vllm.entrypoints.launchers.app")
+    if app_mod is None or getattr(app_mod.init_entrypoints_middleware, "_dmi", False):
+        return
+    original = app_mod.init_entrypoints_middleware
+
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        spec, policy = served_config(getattr(args, "additional_config", None))
+        if spec is not None:
+            from dmi.serve.asgi import DmiMiddleware, Front
+
+            # Built now, so a bad policy stops the server at start-up, naming the field.
+            front = Front.create("vllm", spec, policy, model=str(args.model),
+                                 dtype=str(getattr(args, "dtype", "auto")),
+                                 max_len=getattr(args, "max_model_len", None))
+            # Added first, so vLLM's own middleware (API keys, CORS) runs outside it.
+            app.add_middleware(DmiMiddleware, front=front)
+        return original(args, app, *rest, **kwargs)
+
+    init_entrypoints_middleware._dmi = True
+    app_mod.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+def served_config(extra) -> tuple[dict | None, dict | None]:
+    """(armed spec, serve policy) from --additional-config: {"dmi": spec, "dmi_serve": policy};
+    the policy may also come from the DMI_SERVE environment variable."""
+    import os
+
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            return None, None
+    if not isinstance(extra, dict) or extra.get("dmi") is None:
+        return None, None
+    spec = extra["dmi"]
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    policy = extra.get("dmi_serve")
+    if policy is None and os.environ.get("DMI_SERVE"):
+        policy = json.loads(os.environ["DMI_SERVE"])
+    return spec, policy
 
 
 def _rpc(fn):

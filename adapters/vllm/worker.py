@@ -70,6 +70,8 @@ class WorkerAdapter(Adapter):
         self._methods: list[tuple[object, str]] = []
         self._in_step = False
         self._sched = None
+        self._names: dict[str, str] = {}   # engine id -> row id (dmi.serve.names)
+        self.requests = None               # dmi.serve.engine.RequestTable, once armed
 
     @property
     def device(self) -> torch.device:
@@ -100,8 +102,12 @@ class WorkerAdapter(Adapter):
 
     # -- arming ------------------------------------------------------------------------
     def arm(self, session, bindings: list[VBinding]) -> None:
+        from dmi.serve.engine import RequestTable
+
         self.session = session
-        self.book.started = {external_id(r) for r in self.runner.input_batch.req_ids}
+        self.requests = RequestTable(session.names)
+        session.planner.enable_request_masks(self.requests.masks)
+        self.book.started = {self._name(r) for r in self.runner.input_batch.req_ids}
         # The plan's tensors, held here for the graph: a compiled graph keeps the capture points
         # it traced after disarm, so what they read must outlive the session (disarm zeroes the
         # plan: inert, they write nothing).
@@ -191,7 +197,30 @@ class WorkerAdapter(Adapter):
                 self._in_step = False
                 self.session.end_step()
             self._sched = None
-            self.book.forget(getattr(scheduler_output, "finished_req_ids", ()) or ())
+            self._forget(getattr(scheduler_output, "finished_req_ids", ()) or ())
+
+    def _name(self, req_id: str) -> str:
+        """The row id of engine request `req_id`: what the front end named it (dmi.serve),
+        else its external id."""
+        name = self._names.get(req_id)
+        if name is None:
+            from dmi.serve.engine import KEY, decode
+
+            state = getattr(self.runner, "requests", {}).get(req_id)
+            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            info = decode(extra.get(KEY))
+            name = served_name(req_id, info) if info else external_id(req_id)
+            self._names[req_id] = name
+            if self.requests is not None:
+                self.requests.add(name, info)
+        return name
+
+    def _forget(self, finished) -> None:
+        names = [self._names.pop(r, None) or external_id(r) for r in finished]
+        self.book.forget(names)
+        if self.requests is not None:
+            for n in names:
+                self.requests.forget(n)
 
     def _model_forward(self, original, *args, **kwargs):
         session = self.session
@@ -207,7 +236,8 @@ class WorkerAdapter(Adapter):
         n = len(req_ids)
         counts = np.array([self._sched.num_scheduled_tokens[r] for r in req_ids], dtype=np.int64)
         rows = self.book.step(req_ids, counts, positions.detach().cpu().numpy(),
-                              batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n])
+                              batch.num_tokens_no_spec[:n], batch.num_prompt_tokens[:n],
+                              names=[self._name(r) for r in req_ids])
         s = self.session
         logits = [i for i, b in enumerate(s.bindings) if b.group == LOGITS]
         tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
@@ -252,10 +282,28 @@ def worker_table(model_type: str, family: str | None = None):
     raise EngineNotSupportedError(f"dmi: this vLLM worker process resolves model_type {model_type!r} to table "
                                   f"{table.family!r}, but the caller validated the spec against table {family!r}. "
                                   f"{reach}")
+def served_name(req_id: str, info: dict) -> str:
+    """The row id of an engine request the dmi front end sent (dmi/serve/names.py). vLLM's
+    engine ids: "<external>-<8 random>"; a completion's external id is "<response id>-<prompt>";
+    with n > 1 each choice j is a child "<j>_<parent's engine id>"."""
+    from dmi.serve.names import row_name
+
+    ext = external_id(req_id)
+    choice = 0
+    if int(info.get("n", 1) or 1) > 1:
+        head, _, rest = ext.partition("_")
+        if head.isdigit() and rest:
+            choice, ext = int(head), rest
+    prompt = 0
+    if info.get("kind") == "completions":
+        tail = ext.rsplit("-", 1)[-1]
+        prompt = int(tail) if tail.isdigit() else 0
+    return row_name(str(info["uid"]), prompt, choice)
 
 
 # -- the worker's RPC methods (added to vLLM's worker class by vllm_plugin) ---------------
 _SESSIONS: dict[int, WorkerSession] = {}   # id(worker) -> its session
+_CHANNELS: dict[int, object] = {}          # id(worker) -> its dmi.serve ServeChannel
 
 
 def tp_rank_of(worker) -> tuple[int, int]:
@@ -281,6 +329,10 @@ def open_session(worker, spec_json: str, family: str | None = None) -> str:
     sink = plugins.sink_for(rank_sink(spec.sink, rank, tp_size))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)
     _SESSIONS[id(worker)] = session
+    if rank == 0:
+        from dmi.serve.engine import ServeChannel, run_path
+
+        _CHANNELS[id(worker)] = ServeChannel(session, run_path(spec.sink))
     return json.dumps({"hooks": session.names, "rank": adapter.tp_rank})
 
 
@@ -309,6 +361,9 @@ def session_flush(worker, timeout=None) -> bool:
 
 
 def close_session(worker) -> str:
+    channel = _CHANNELS.pop(id(worker), None)
+    if channel is not None:
+        channel.stop()
     s = _SESSIONS.pop(id(worker), None)
     if s is None:
         return "null"

@@ -39,6 +39,7 @@ class HookRows:
     dtype: Any = None
     dynamic: bool = False        # placed by an eager-only capture during the step, outside the frame
     fired: bool = False          # eager: its capture point ran this step (frames split only between hooks)
+    slot: int | None = None      # its own source-row list in the control table (per-request masks)
 
 
 @dataclass
@@ -80,6 +81,17 @@ class Planner:
         self.header = PayloadRing.aligned(8 * len(bindings))
         self.fixed = [b.row_shape is not None and b.dtype is not None for b in bindings]
         self.row_shapes = [tuple(b.row_shape) if b.row_shape is not None else None for b in bindings]
+        # Served engines: each request may select its own hooks and tokens (dmi/serve). A
+        # callable (group, table) -> bool [hooks, rows] or None (every request takes the spec).
+        self.request_masks = None
+
+    def enable_request_masks(self, masks) -> None:
+        """Let `masks(group, table)` narrow each hook's rows per request. A hook's rows may then
+        differ from its group's, so every hook gets a source-row list of its own in the control
+        table (made before any graph captures its tensors)."""
+        self.request_masks = masks
+        self.control = ControlTable(len(self.bindings), len(self.groups) + len(self.bindings),
+                                    self.control.device, self.control.capacity)
 
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
@@ -93,16 +105,28 @@ class Planner:
         # and per hook only a record (a decode step plans every hook; this is its whole cost).
         shared: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
         frame = Frame(step, tables, header=self.header)
+        masks = ({g: self.request_masks(g, t) for g, t in tables.items()} if self.request_masks is not None
+                 else dict.fromkeys(tables))
         sizes = []
         for i, b in enumerate(self.bindings):
             keep, fb, produced, filtered = kept[b.group]
             fallback = degraded and i in self.fallback
-            rows = shared.get((b.group, fallback))
-            if rows is None:
+            mask = masks[b.group]
+            if mask is None:
+                rows = shared.get((b.group, fallback))
+                if rows is None:
+                    chosen = (fb if fallback else np.zeros_like(keep)) if degraded else keep
+                    rows = shared[(b.group, fallback)] = (np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen))
+                src, lost = rows
+            else:  # rows no request asked this hook for are filtered, not lost
+                filtered += int((keep & ~mask[i]).sum())
+                keep = keep & mask[i]
+                fb = fb & mask[i] if fb is not None else None
                 chosen = (fb if fallback else np.zeros_like(keep)) if degraded else keep
-                rows = shared[(b.group, fallback)] = (np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen))
-            src, lost = rows
+                src, lost = np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen)
             h = HookRows(i, b.group, src, produced, filtered, lost)
+            if mask is not None:
+                h.slot = len(self.groups) + i
             if self.fixed[i]:
                 h.row_shape, h.dtype = self.row_shapes[i], b.dtype
                 h.nbytes = len(src) * b.row_bytes
@@ -147,6 +171,9 @@ class Planner:
             src = np.flatnonzero(fb if degraded else keep)
             if len(src) <= ctrl.capacity:
                 ctrl.rows_np[self.group_index[g], : len(src)] = src
+        for h in frame.hooks:
+            if h.slot is not None and len(h.src) <= ctrl.capacity:
+                ctrl.rows_np[h.slot, : len(h.src)] = h.src
         ctrl.send()
 
     def _point(self, frame: Frame, h: HookRows, offset: int, header: int, row_bytes: int | None = None) -> None:
@@ -154,7 +181,8 @@ class Planner:
         writes only a tensor of the group's row count and `row_bytes` (default: the binding's)."""
         h.offset = offset
         rb = self.bindings[h.hook].row_bytes if row_bytes is None else row_bytes
-        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), self.group_index[h.group],
+        slot = self.group_index[h.group] if h.slot is None else h.slot
+        self.control.ctrl_np[h.hook] = (1, offset, len(h.src), slot,
                                         frame.tables[h.group].n_rows, rb, header + 8 * h.hook)
         frame.placed.append(h)
 

@@ -83,9 +83,13 @@ def test_served_requests_are_captured_under_the_ids_the_server_returns(sgl_tiny,
         _stop(proc)
         log.close()
     run = dmi.open(str(out))
-    # the server's own warmup request is served (and captured) too; its /health probes are not
-    assert {o["meta_info"]["id"] for o in outs} <= set(run.requests), run.requests
+    # Rows are stored under "<uid>.<prompt>.<choice>" (docs/serving.md), the uid in each answer's
+    # `dmi` object: item k of a batch is prompt k. The server's own warmup request is served (and
+    # captured) too; its /health probes are not.
+    names = [f"{o['dmi']['id']}.{k}.0" for k, o in enumerate(outs[:3])] + [f"{outs[3]['dmi']['id']}.0.0"]
+    assert len({o["dmi"]["id"] for o in outs[:3]}) == 1
+    assert set(names) <= set(run.requests), run.requests
     assert not [r for r in run.requests if r.startswith("HEALTH_CHECK")]
     model = hf_model("qwen3")
-    for p, o in zip(prompts, outs):
-        assert_request_matches(run, model, o["meta_info"]["id"], fed(p, o), run.hooks, logits_from=len(p) - 1)
+    for p, o, name in zip(prompts, outs, names):
+        assert_request_matches(run, model, name, fed(p, o), run.hooks, logits_from=len(p) - 1)

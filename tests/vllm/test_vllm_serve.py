@@ -75,7 +75,9 @@ def test_served_engine_records_rows_under_the_servers_ids(tiny_dirs, tmp_path, l
         replies.append(ask(len(PROMPTS) - 1))
         # A commit may land between a request's prefill and its decode steps, so wait for every
         # row of the two finished requests, not just for their ids to appear.
-        want = {r["id"] + "-0": len(PROMPTS[i]) + len(r["choices"][0]["token_ids"]) - 1
+        # Rows are stored under "<uid>.<prompt>.<choice>", the uid in the response's `dmi` object
+        # (docs/serving.md): unique even when two requests share a client id.
+        want = {r["dmi"]["id"] + ".0.0": len(PROMPTS[i]) + len(r["choices"][0]["token_ids"]) - 1
                 for i, r in enumerate(replies[:-1])}
         deadline = time.time() + 30
         while True:
@@ -96,8 +98,8 @@ def test_served_engine_records_rows_under_the_servers_ids(tiny_dirs, tmp_path, l
         log.close()
     run = dmi.open(sink)
     assert run.complete, (tmp_path / "server.log").read_text()[-3000:]
-    # One prompt per request: choice 0 of completion "<id>" is the engine's request "<id>-0".
-    ids = [r["id"] + "-0" for r in replies]
+    # One prompt per request: choice 0 of the response is row id "<uid>.0.0".
+    ids = [r["dmi"]["id"] + ".0.0" for r in replies]
     assert sorted(run.requests) == sorted(ids)
     assert_books_balance(run.stats)
     hf = load("qwen3")

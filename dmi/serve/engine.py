@@ -1,0 +1,229 @@
+"""Engine side of serving: what each request asked for, applied in the step's plan.
+
+The front end (dmi/serve/asgi.py) sends every request's checked spec to the engine as JSON
+under the key "dmi" of the engine's per-request parameters (vLLM `SamplingParams.extra_args`,
+SGLang `custom_params`): {"uid", "tenant", "kind", "n", "prompts", "hooks", "tokens",
+"interventions"}. `hooks` are canonical names within the armed spec (None: all of them),
+`tokens` a TokenFilter (None: the armed spec's alone).
+
+`RequestTable.masks(group, table)` turns the step's requests into a bool [hooks, rows] mask
+for the planner (Planner.enable_request_masks): a row is kept for a hook when the armed spec
+keeps it (the planner's own filters) AND its request selected that hook and its tokens keep
+the row. Steps whose requests all take the armed spec cost one dict lookup per request.
+
+`ServeChannel` is a daemon thread next to the session:
+- flush requests from the front end: it writes a sequence number to `<run>.dmi-flush`; the
+  thread sends a flush marker through the session's drain (the engine thread never waits)
+  and writes the number to `<run>.dmi-flushed` once everything captured before is committed;
+- the front end's death: when the process that started the engine is gone, capture stops,
+  the file is closed marked incomplete with that error, and this engine process is asked to
+  terminate (an orphan has no one to answer; it must not keep writing).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmi.plan.rows import RowTable
+
+log = logging.getLogger("dmi")
+
+KEY = "dmi"
+FRONT_PID = "DMI_FRONT_PID"
+
+
+def decode(raw) -> dict | None:
+    """The front end's per-request JSON, or None for a request without one."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        return raw
+    try:
+        info = json.loads(raw)
+    except (TypeError, ValueError):
+        log.error("dmi: a request's 'dmi' parameter is not JSON from dmi's front end: %r", str(raw)[:200])
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@dataclass
+class Served:
+    hooks: np.ndarray | None      # bool [n_hooks]; None: every armed hook
+    tokens: object | None         # a TokenMask; None: the armed spec's filter alone
+    token_key: str | None         # identity of `tokens`, to mask requests sharing a filter at once
+    interventions: list | None = None
+    tenant: str | None = None
+
+
+class RequestTable:
+    """Row name -> what that request asked for. Bounded: names of finished requests are
+    forgotten by the adapter; a cap guards against an adapter that never hears of an end."""
+
+    LIMIT = 1 << 16
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.index = {n: i for i, n in enumerate(names)}
+        self.by_name: dict[str, Served] = {}
+
+    def add(self, name: str, info: dict | None) -> None:
+        if info is None or name in self.by_name:
+            return
+        hooks = info.get("hooks")
+        vec = None
+        if hooks is not None:
+            vec = np.zeros(len(self.names), dtype=bool)
+            for h in hooks:
+                i = self.index.get(h)
+                if i is None:  # the front end checked against the armed spec; a mismatch is a bug, say so
+                    log.error("dmi: request %s selects hook %r, which this engine does not capture", name, h)
+                else:
+                    vec[i] = True
+        tokens = info.get("tokens")
+        mask = key = None
+        if tokens is not None:
+            from dmi.policies.filters import TokenMask
+            from dmi.spec import TokenFilter
+
+            mask = TokenMask(TokenFilter.model_validate(tokens))
+            key = json.dumps(tokens, sort_keys=True)
+        if len(self.by_name) >= self.LIMIT:
+            self.by_name.pop(next(iter(self.by_name)))
+        self.by_name[name] = Served(vec, mask, key, info.get("interventions"), info.get("tenant"))
+
+    def forget(self, name: str) -> None:
+        self.by_name.pop(name, None)
+
+    def masks(self, group: str, table: RowTable) -> np.ndarray | None:
+        """bool [hooks, rows]: which rows each hook keeps by its requests' choices; None when
+        every request of the step takes the armed spec."""
+        served = [self.by_name.get(r) for r in table.request_ids]
+        if not any(s is not None and (s.hooks is not None or s.tokens is not None) for s in served):
+            return None
+        n_hooks = len(self.names)
+        per_req = np.ones((len(served) + 1, n_hooks), dtype=bool)
+        per_req[-1] = False  # index -1: padding rows
+        for r, s in enumerate(served):
+            if s is not None and s.hooks is not None:
+                per_req[r] = s.hooks
+        out = per_req[table.request].T.copy()  # [hooks, rows]
+        filters: dict[str, tuple[object, list[int]]] = {}
+        for r, s in enumerate(served):
+            if s is not None and s.tokens is not None:
+                filters.setdefault(s.token_key, (s.tokens, []))[1].append(r)
+        for tokens, reqs in filters.values():
+            mine = np.isin(table.request, reqs)
+            out[:, mine & ~tokens(table, mine)] = False
+        return out
+
+
+class ServeChannel:
+    POLL_S = 0.02
+
+    def __init__(self, session, run_path: str | None):
+        self.session = session
+        self.req = f"{run_path}.dmi-flush" if run_path else None
+        self.ack = f"{run_path}.dmi-flushed" if run_path else None
+        self.front = _front_pid()
+        self._stop = threading.Event()
+        self._seen = self._read(self.req)
+        self.thread = threading.Thread(target=self._run, name="dmi-serve", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def _read(path) -> int:
+        try:
+            with open(path) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _run(self) -> None:
+        last_check = 0.0
+        while not self._stop.wait(self.POLL_S):
+            if self.session.closed:
+                return
+            if self.req is not None:
+                want = self._read(self.req)
+                if want > self._seen:
+                    self._seen = want
+                    self._flush(want)
+            now = time.monotonic()
+            if self.front and now - last_check > 0.25:
+                last_check = now
+                if not _alive(self.front):
+                    self._orphaned()
+                    return
+
+    def _flush(self, seq: int) -> None:
+        if self.session._wait_marker("flush", 60.0):
+            tmp = f"{self.ack}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(str(seq))
+            os.replace(tmp, self.ack)
+
+    def _orphaned(self) -> None:
+        s = self.session
+        msg = (f"dmi: the front end (pid {self.front}) that started this engine is gone; capture stopped and "
+               f"the run is closed incomplete")
+        log.error(msg)
+        s.acct.error(msg)
+        with s._lock:
+            if s.closed:
+                return
+            s.closed = True
+        s._shutdown(complete=False)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_path(sink) -> str | None:
+    """The file a sink writes, if it is a file sink (the serve channel's files sit beside it)."""
+    if isinstance(sink, str) and sink != "memory":
+        return sink
+    if isinstance(sink, dict) and isinstance(sink.get("path"), str):
+        return sink["path"]
+    return None
+
+
+def _front_pid() -> int | None:
+    try:
+        pid = int(os.environ.get(FRONT_PID, "0"))
+    except ValueError:
+        return None
+    return pid if pid and pid != os.getpid() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) is gone too.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def mark_front_end() -> None:
+    """Called early in every process of an engine. A process that multiprocessing did not
+    start (a server, a user's script) is a front end and names itself; the engine processes
+    it spawns inherit the name. (Not setdefault: a test process that spawned the server must
+    not be taken for the server.)"""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        os.environ[FRONT_PID] = str(os.getpid())

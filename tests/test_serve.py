@@ -1,0 +1,243 @@
+"""dmi.serve without an engine server: per-request masks in the plan (real capture on the HF
+engine, against the oracle), the request parser and policy (400s naming the field), and the
+ASGI front end against a stub app (injection, the `dmi` object, route isolation)."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_books_balance, fed_sequences, left_pad
+from reference import reference
+
+import dmi
+from dmi.errors import SpecError
+from dmi.plan.rows import DECODE, PREFILL, RowTable
+from dmi.serve import request as rq
+from dmi.serve.engine import RequestTable
+from dmi.serve.hooks import Served
+from dmi.serve.names import parse_row_name, row_name
+from dmi.serve.policy import ServePolicy
+
+PROMPTS = [[11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34]]
+PAD, NO_EOS, NEW = 257, 319, 3
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def test_request_masks_keep_each_requests_own_hooks_and_tokens(load, out):
+    """Request 0 asks for layer 0 only; request 1 for layer 1 at the decode rows; request 2
+    takes the armed spec. Each request's rows, per hook, are exactly those, equal to HF."""
+    model = load("qwen3")
+    ids, mask = left_pad(PROMPTS, PAD)
+    asks = {"0": {"uid": "u", "hooks": [HOOKS[0]]}, "1": {"uid": "u", "hooks": [HOOKS[1]], "tokens": {"mode": "decode"}}}
+    with dmi.attach(model, dmi.CaptureSpec(hooks=HOOKS, sink=out)) as s:
+        table = RequestTable(s.names)
+        for name, info in asks.items():
+            table.add(name, info)
+        s.planner.enable_request_masks(table.masks)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=NO_EOS)
+    run = dmi.open(out)
+    assert_books_balance(run.stats)
+    seqs = fed_sequences(gen, PROMPTS)
+    for rid, seq in enumerate(seqs):
+        p = len(PROMPTS[rid])
+        want = {"0": {HOOKS[0]: list(range(len(seq))), HOOKS[1]: []},
+                "1": {HOOKS[0]: [], HOOKS[1]: list(range(p, len(seq)))},
+                "2": {h: list(range(len(seq))) for h in HOOKS}}[str(rid)]
+        ref = reference(model, seq)
+        for hook, positions in want.items():
+            pos = run.positions(hook, str(rid)).tolist() if str(rid) in run.requests else []
+            assert pos == positions, (rid, hook, pos)
+            if positions:
+                err = (run.get(hook, str(rid)) - ref[hook][positions]).abs().max().item()
+                assert err < 1e-4, (rid, hook, err)
+    # rows no request asked for are filtered, never dropped
+    assert all(c["dropped"] == 0 for c in run.stats["hooks"].values())
+
+
+def test_request_table_masks_match_a_row_by_row_reading():
+    names = ["a", "b", "c"]
+    t = RequestTable(names)
+    t.add("r0", {"hooks": ["a"], "tokens": {"mode": "last"}})
+    t.add("r1", {"hooks": ["b", "c"]})
+    t.add("r2", {"hooks": None, "tokens": {"mode": "prefill"}})
+    rows = RowTable(batch=1, tokens=8, request_ids=["r0", "r1", "r2", "other"],
+                    request=np.array([0, 0, 1, 2, 2, 3, -1, 0], np.int32),
+                    position=np.array([0, 1, 5, 0, 1, 7, 0, 2], np.int64),
+                    phase=np.array([PREFILL] * 3 + [PREFILL, DECODE, DECODE, PREFILL, PREFILL], np.int8))
+    m = t.masks("tokens", rows)
+    want = np.zeros((3, 8), bool)
+    want[0, 7] = True                  # r0: hook a, its last row in the step
+    want[1:, 2] = True                 # r1: hooks b, c, every row
+    want[:, 3] = True                  # r2: every hook, prefill rows only
+    want[:, 5] = True                  # "other" asked nothing of its own: the armed spec
+    assert (m == want).all(), m.astype(int)
+    assert RequestTable(names).masks("tokens", rows) is None  # nobody asked: the plan is untouched
+
+
+def test_row_names_round_trip():
+    assert parse_row_name(row_name("0123456789abcdef", 2, 1)) == ("0123456789abcdef", 2, 1)
+    assert parse_row_name(row_name("0123456789abcdef", 0, "prefix")) == ("0123456789abcdef", 0, "prefix")
+    assert parse_row_name("cmpl-x-0") is None and parse_row_name("0123456789abcdef.0.odd") is None
+
+
+def test_vllm_engine_ids_map_to_prompt_and_choice():
+    from dmi.adapters.vllm.worker import served_name
+
+    uid = "0123456789abcdef"
+    assert served_name("cmpl-dup-1-abcdef12", {"uid": uid, "kind": "completions", "n": 1}) == f"{uid}.1.0"
+    assert served_name("1_cmpl-x_y-2-abcdef12", {"uid": uid, "kind": "completions", "n": 2}) == f"{uid}.2.1"
+    assert served_name("chatcmpl-9-abcdef12", {"uid": uid, "kind": "chat", "n": 1}) == f"{uid}.0.0"
+    assert served_name("3_chatcmpl-9-abcdef12", {"uid": uid, "kind": "chat", "n": 4}) == f"{uid}.0.3"
+
+
+SERVED = Served(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_logits"],
+                {"blocks.0.hook_resid_post": 256, "blocks.1.hook_resid_post": 256, "hook_logits": 1280}, 2)
+
+
+@pytest.mark.parametrize("given, field", [
+    ({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"),
+    ({"hooks": []}, "dmi.hooks"),
+    ({"sink": "x.h5"}, "dmi.sink"),
+    ({"plugin": "x"}, "dmi.plugin"),
+    ({"tokens": "sometimes"}, "dmi.tokens.mode"),
+    ({"tokens": {"positions": [[3, 1]]}}, "dmi.tokens.positions"),
+    ({"inline": {"positions": "first"}}, "dmi.inline.positions"),
+    ({"inline": {"hooks": ["hook_logits"]}, "hooks": ["blocks.0.hook_resid_post"]}, "dmi.inline.hooks"),
+    ({"interventions": [{"hook": "blocks.0.hook_resid_post", "op": "add"}]}, "dmi.interventions"),
+    ("{not json", "dmi"),
+    (7, "dmi"),
+])
+def test_bad_request_specs_name_the_field(given, field):
+    with pytest.raises(rq.RequestError) as e:
+        rq.check(rq.parse(given), ServePolicy(), SERVED)
+    assert e.value.field == field and e.value.status == 400, e.value
+
+
+def test_policy_bounds_hooks_and_interventions():
+    p = ServePolicy.parse({"hooks": ["blocks.*.hook_resid_post"], "allow_interventions": True})
+    served = SERVED.narrow(p.hooks)
+    assert served.allowed == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    with pytest.raises(rq.RequestError) as e:
+        rq.check(rq.parse({"hooks": ["hook_logits"]}), p, served)
+    assert e.value.field == "dmi.hooks"
+    ok = rq.check(rq.parse({"interventions": [{"hook": "blocks.1.hook_resid_post", "op": "scale"}]}), p, served)
+    assert ok.engine_info("u", "t", "completions", 1, 1)["interventions"][0]["op"] == "scale"
+    with pytest.raises(rq.RequestError) as e:
+        rq.check(rq.parse({"interventions": [{"hook": "blocks.1.hook_resid_post", "op": "melt"}]}), p, served)
+    assert e.value.field == "dmi.interventions.op"
+    for bad, field in [({"retention": 3}, "dmi_serve.retention"), ({"max_request_bytes": 0}, "dmi_serve.max_request_bytes"),
+                       ("[", "dmi_serve")]:
+        with pytest.raises(SpecError) as e:
+            ServePolicy.parse(bad)
+        assert e.value.field == field
+    with pytest.raises(SpecError) as e:
+        SERVED.narrow(["blocks.0.hook_attn_out"])
+    assert e.value.field == "dmi_serve.hooks"
+
+
+# -- the ASGI front end against a stub engine app ------------------------------------------------
+
+def _front(policy):
+    from dmi.serve.asgi import DmiMiddleware, Front
+
+    front = Front("vllm", {}, ServePolicy.parse(policy), SERVED, None, 64)
+    seen = []
+
+    async def app(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        seen.append(body)
+        out = json.dumps({"id": "cmpl-same", "choices": [{"index": 0}]}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+
+    return DmiMiddleware(app, front), front, seen
+
+
+def _call(mw, method, path, body=None, key=None, token=None, query=b""):
+    headers = [(b"content-type", b"application/json")]
+    if key:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    if token:
+        headers.append((b"x-dmi-token", token.encode()))
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode() if body is not None else b"",
+                "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": query}
+    asyncio.run(mw(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(data) if data else None
+
+
+def test_front_end_injects_the_spec_and_keeps_tenants_apart():
+    mw, front, seen = _front({"tenants": {"ka": "alice", "kb": "bob"}, "capture_unasked": False})
+    st, hdrs, doc = _call(mw, "POST", "/v1/completions", {"prompt": [1, 2], "max_tokens": 2,
+                                                          "dmi": {"hooks": ["blocks.1.hook_resid_post"]}}, key="ka")
+    assert st == 200 and doc["dmi"]["tenant"] == "alice" and hdrs[b"x-dmi-id"].decode() == doc["dmi"]["id"]
+    sent = json.loads(seen[-1]["vllm_xargs"]["dmi"])
+    assert "dmi" not in seen[-1] and sent["uid"] == doc["dmi"]["id"] and sent["hooks"] == ["blocks.1.hook_resid_post"]
+    # an unasked request is captured for no hook (capture_unasked false); same response id, new uid
+    st, _, doc2 = _call(mw, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 1}, key="kb")
+    assert json.loads(seen[-1]["vllm_xargs"]["dmi"])["hooks"] == []
+    assert doc2["dmi"]["id"] != doc["dmi"]["id"] and front.by_response["cmpl-same"] == [doc["dmi"]["id"],
+                                                                                        doc2["dmi"]["id"]]
+    # bob cannot see alice's request by uid or by the shared response id; her token can
+    assert _call(mw, "DELETE", f"/v1/dmi/requests/{doc['dmi']['id']}", key="kb")[0] == 404
+    st, _, gone = _call(mw, "DELETE", "/v1/dmi/requests/cmpl-same", key="kb")
+    assert st == 200 and gone["deleted"] == [doc2["dmi"]["id"]]
+    st, _, gone = _call(mw, "DELETE", "/v1/dmi/requests/cmpl-same", token=doc["dmi"]["token"])
+    assert st == 200 and gone["deleted"] == [doc["dmi"]["id"]]
+    # refused before the engine sees it, naming the field; unknown keys are refused
+    n = len(seen)
+    st, _, err = _call(mw, "POST", "/v1/completions", {"prompt": [1], "dmi": {"hooks": ["nope"]}}, key="ka")
+    assert st == 400 and err["error"]["param"] == "dmi.hooks"
+    st, _, err = _call(mw, "POST", "/v1/completions", {"prompt": [1], "dmi": {}}, key="kz")
+    assert st == 401
+    assert len(seen) == n
+
+
+def test_tenant_quota_is_429_and_frees_on_delete():
+    mw, front, _ = _front({"max_tenant_bytes": 10_000})
+    body = {"prompt": [1, 2, 3], "max_tokens": 1, "dmi": {"hooks": ["blocks.0.hook_resid_post"]}}  # 4 rows x 256
+    docs = [_call(mw, "POST", "/v1/completions", body)[2] for _ in range(9)]
+    st, _, err = _call(mw, "POST", "/v1/completions", body)
+    assert st == 429 and err["error"]["param"] == "dmi"
+    _call(mw, "DELETE", f"/v1/dmi/requests/{docs[0]['dmi']['id']}", token=docs[0]["dmi"]["token"])
+    assert _call(mw, "POST", "/v1/completions", body)[0] == 200
+
+
+def test_sglang_requests_are_named_apart_and_by_arrival():
+    """A rid reused after its request ended gets a new name; one HTTP request's engine requests
+    are named (prompt, choice) in SGLang's send order, prefill-only ones as the prefix."""
+    from types import SimpleNamespace as NS
+
+    from dmi.adapters.sglang import control
+
+    def req(rid, info=None, max_new=4):
+        cp = {"dmi": json.dumps(info)} if info else None
+        r = NS(rid=rid, sampling_params=NS(custom_params=cp, max_new_tokens=max_new))
+        control.new_request(r)
+        return control.row_name(rid)
+
+    assert req("x") == "x" and req("x") == "x#1" and req("x") == "x#2"
+    assert req("HEALTH_CHECK_1") == "HEALTH_CHECK_1"
+    uid = "00112233445566aa"
+    info = {"uid": uid, "n": 2, "prompts": 2}
+    names = [req("p0", info, 0), req("p1", info, 0)] + [req(f"s{k}", info) for k in range(4)]
+    assert names == [f"{uid}.0.prefix", f"{uid}.1.prefix", f"{uid}.0.0", f"{uid}.0.1", f"{uid}.1.0", f"{uid}.1.1"]
+    assert control.request_info(f"{uid}.1.1")["uid"] == uid
+    one = {"uid": "00112233445566bb", "n": 1, "prompts": 1}
+    assert req("dup", one) == "00112233445566bb.0.0"
+    two = {"uid": "00112233445566cc", "n": 1, "prompts": 1}
+    assert req("dup", two) == "00112233445566cc.0.0"  # the same rid again: the new request's own name
