@@ -121,3 +121,42 @@ def test_hf_hidden_states_preset_is_output_hidden_states(family, tmp_path):
     assert len(run.hooks) == len(hs)
     for name, want in zip(run.hooks, hs):
         _close(name, run.get(name, "0"), want[0])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "olmo2", "llama"])
+def test_q_and_k_equal_the_projections_the_attention_consumes(family, tmp_path):
+    """attn.hook_q/hook_k, recomputed by hand from each attention's input with its own
+    projections and q/k norms (per head, or over the whole projection as in OLMo 2): every row,
+    whichever layout the model norms in (Gemma 3 norms [batch, head, token, dim], Qwen3
+    [batch, token, head, dim]). 4 heads and 4 tokens: a layout read the wrong way round
+    still has the right shape."""
+    model = tiny_family_model(family)
+    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 2)
+    inputs = {}
+    hs = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, k, i=i: inputs.__setitem__(i, k.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    ids = torch.tensor([SEQ[:4]])
+    with torch.no_grad():
+        model(ids)
+    for h in hs:
+        h.remove()
+    out = str(tmp_path / "qk.h5")
+    with dmi.attach(model, dmi.CaptureSpec(hooks=["blocks.*.attn.hook_q", "blocks.*.attn.hook_k"], sink=out)):
+        with torch.no_grad():
+            model(ids)
+    run = dmi.open(out)
+    for i, layer in enumerate(layers):
+        attn, h = layer.self_attn, inputs[i]
+        for s in "qk":
+            proj, norm = getattr(attn, f"{s}_proj"), getattr(attn, f"{s}_norm", None)
+            with torch.no_grad():
+                x = proj(h)
+                D = attn.head_dim
+                if norm is not None and norm.weight.numel() != D:
+                    x = norm(x).unflatten(-1, (-1, D))
+                else:
+                    x = x.unflatten(-1, (-1, D))
+                    x = norm(x) if norm is not None else x
+            assert not run.gaps(f"blocks.{i}.attn.hook_{s}", "0"), (family, s)
+            _close(f"blocks.{i}.attn.hook_{s}", run.get(f"blocks.{i}.attn.hook_{s}", "0"), x[0])

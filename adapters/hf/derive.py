@@ -9,6 +9,7 @@ was found; every hook the model does not get records why.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 
@@ -290,7 +291,8 @@ def _attn(found, missing, model, attn, ap, B, d: Dims, ov: Override) -> None:
                 if nmod is not None:
                     w = getattr(nmod, "weight", None)
                     per_head = w is not None and (w.dim() == 2 or w.numel() == D)
-                    tap = Tap(f"{ap}.{norm}", view=None if per_head else "heads", heads=(n, D), shape=_const((n, D)))
+                    view = ("heads_first" if _normed_after_transpose(attn, norm) else None) if per_head else "heads"
+                    tap = Tap(f"{ap}.{norm}", view=view, heads=(n, D), shape=_const((n, D)))
                     how = f"{norm!r} output (what attention consumes), before rotary"
                     path = f"{ap}.{norm}"
                 elif norm and any(hasattr(attn, f"{s}_layernorm") for s in ("q", "k")):
@@ -380,6 +382,29 @@ def _mlp(found, missing, mlp, mp, B, d: Dims, ov: Override, own: bool) -> None:
                                            f"{mp}.{name}", f"output projection {name!r} input")
 
 
+def _normed_after_transpose(attn, norm: str) -> bool:
+    """Whether the attention's forward applies its per-head q/k norm to [batch, head, token, dim]
+    (Gemma 3: transposed first) rather than [batch, token, head, dim] (Qwen3). The module tree
+    cannot say, and a shape check at run time cannot either when tokens == heads: read the
+    modeling code once, at attach."""
+    try:
+        lines = [ln.strip() for ln in inspect.getsource(type(attn).forward).splitlines()]
+    except (OSError, TypeError):
+        return False
+    call = f"self.{norm}("
+    for i, ln in enumerate(lines):
+        if call not in ln:
+            continue
+        arg = ln.split(call, 1)[1].split(")", 1)[0].strip()
+        if not arg.isidentifier():
+            return False  # normed inline, before any transpose (Qwen3's q_norm(q_proj(..).view(..)))
+        for prev in reversed(lines[:i]):
+            if prev.startswith(f"{arg} =") or prev.startswith(f"{arg}="):
+                return ".transpose(1, 2)" in prev
+        return False
+    return False
+
+
 def _scores(found, missing, attn, ap, B, d: Dims, q_src, k_src) -> None:
     """rot_q, rot_k and attention scores, recomputed from the attention module's input with its own
     projections and its modeling module's apply_rotary_pos_emb (rotary models), after the forward."""
@@ -395,7 +420,7 @@ def _scores(found, missing, attn, ap, B, d: Dims, q_src, k_src) -> None:
         if tap.view == "grouped":
             from .reading import view
             return view(tap, x, d)
-        if norm is not None and tap.view is not None:  # flat norm (OLMo 2), then heads
+        if norm is not None and tap.view == "heads":  # flat norm (OLMo 2), then heads
             return norm.forward(x).unflatten(-1, tap.heads)
         x = x.unflatten(-1, tap.heads)
         return norm.forward(x) if norm is not None else x

@@ -41,6 +41,8 @@ def view(tap: Tap, x: torch.Tensor, d: Dims) -> torch.Tensor:
         groups, per_group, lo, hi = tap.grouped
         head_dim = tap.heads[1] if tap.heads else d.head_dim
         return x.unflatten(-1, (groups, per_group, head_dim))[..., lo:hi, :].flatten(-3, -2)
+    if v == "heads_first":  # [batch, heads, tokens, dim] -> [batch, tokens, heads, dim]
+        return x.transpose(1, 2)
     if v == "pattern":  # [batch, heads, q, k] -> [batch, q, heads, k]
         return x.transpose(1, 2)
     if v.startswith("qkv:"):  # fused projection: [.., 3*hidden] -> the i-th third, as heads
