@@ -46,6 +46,11 @@ class ControlTable:
         self.ctrl_np = self.host[:k].reshape(self.n_hooks, CTRL_WIDTH)
         self.rows_np = self.host[k:].reshape(self.n_groups, capacity)
 
+    def add_groups(self, n: int) -> None:
+        """n more source-row lists (new tensors: call it before any graph has captured them)."""
+        self.n_groups += n
+        self._alloc(self.capacity)
+
     def fits(self, n: int) -> bool:
         """Whether a group of n source rows can be planned. A CPU plan grows (the op reads host
         memory; a compiled CPU graph sees the new tensor through its inputs); a GPU plan is fixed."""

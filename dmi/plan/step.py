@@ -89,9 +89,10 @@ class Planner:
         """Let `masks(group, table)` narrow each hook's rows per request. A hook's rows may then
         differ from its group's, so every hook gets a source-row list of its own in the control
         table (made before any graph captures its tensors)."""
+        if self.request_masks is None:
+            # The same table, grown: whoever holds it (the eager kernel, an adapter) sees the rows.
+            self.control.add_groups(len(self.bindings))
         self.request_masks = masks
-        self.control = ControlTable(len(self.bindings), len(self.groups) + len(self.bindings),
-                                    self.control.device, self.control.capacity)
 
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
