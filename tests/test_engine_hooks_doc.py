@@ -1,5 +1,6 @@
-"""docs/engine-hooks.md is what scripts/engine_hooks.py renders from the vLLM and SGLang tables
-(no engine needed: tables are data), so the published per-architecture lists cannot go stale."""
+"""docs/engine-hooks.md is what scripts/engine_hooks.py renders from the HF derivation (tiny random
+models of the tested families) and the vLLM and SGLang tables (no engine needed: tables are data),
+so the published per-architecture lists cannot go stale."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,10 +23,14 @@ def test_page_is_current():
 
 def test_page_lists_every_family_and_their_differences():
     page = _script().render()
+    hf = page.split("## HF", 1)[1].split("## vLLM", 1)[0]
+    for family in ("llama", "gpt2", "gemma3_text", "deepseek_v3", "falcon", "opt", "olmo2", "cohere"):
+        assert f" {family} " in hf.splitlines()[2]
     for family in ("gemma2", "gemma3_text", "phi3", "mixtral", "granite", "qwen3_moe",
                    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM",
                    "GraniteForCausalLM"):
         assert family in page
     # Mixtral's layers are all MoE: no hidden activation row; routing on MoE layers.
-    row = next(line for line in page.splitlines() if line.startswith("| `blocks.{L}.mlp.hook_topk_ids`"))
+    engines = page.split("## vLLM", 1)[1]
+    row = next(line for line in engines.splitlines() if line.startswith("| `blocks.{L}.mlp.hook_topk_ids`"))
     assert "moe" in row
