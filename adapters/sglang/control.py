@@ -26,7 +26,7 @@ _STATE: dict = {"runner": None, "adapter": None, "session": None, "armed_at_star
 # it again once that request ended: each new request (Req) is named when the scheduler
 # creates it, so a rid maps to its live request's row id and two requests never merge.
 _NAMES: "OrderedDict[str, str]" = OrderedDict()      # live rid -> row id
-_INCARNATIONS: "OrderedDict[str, int]" = OrderedDict()  # rid -> requests seen with it
+_USED: "OrderedDict[str, None]" = OrderedDict()      # row ids the open run may hold (see open_session)
 _INFO: "OrderedDict[str, dict]" = OrderedDict()      # row id -> the front end's request info
 _COUNTS: "OrderedDict[str, list[int]]" = OrderedDict()  # uid -> [prefix requests, samples] seen
 _LIMIT = 1 << 16
@@ -66,9 +66,13 @@ def new_request(req) -> None:
         _put(_COUNTS, uid, counts)
         _put(_INFO, name, info)
     else:
-        k = _INCARNATIONS.get(rid, 0)
-        name = rid if k == 0 else f"{rid}#{k}"
-        _put(_INCARNATIONS, rid, k + 1)
+        # Per run: a rid is its own row id unless this run may already hold rows under it
+        # (an earlier request with the rid); then the next free "<rid>#<k>".
+        name, k = rid, 0
+        while name in _USED:
+            k += 1
+            name = f"{rid}#{k}"
+    _put(_USED, name, None)
     _put(_NAMES, rid, name)
 
 
@@ -97,6 +101,16 @@ def _graphs_captured(runner) -> bool:
     return getattr(runner, "decode_cuda_graph_runner", None) is not None or (
         getattr(runner, "prefill_cuda_graph_runner", None) is not None
         and type(runner.prefill_cuda_graph_runner).__name__ != "EagerRunner")
+
+
+def _new_run(scheduler) -> None:
+    """A run starts: a request's rid names its rows again, except for requests already queued
+    or running, whose rows (under the names they have) may reach this run."""
+    alive = in_flight(scheduler) | {str(r.rid) for r in list(getattr(scheduler, "waiting_queue", None) or [])
+                                    if getattr(r, "rid", None) is not None}
+    _USED.clear()
+    for rid in alive:
+        _put(_USED, row_name(rid), None)
 
 
 def in_flight(scheduler) -> set[str]:
@@ -143,6 +157,7 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
             f"(dmi.plugins.manager().register) reaches only its own process; ship it in a package with a `dmi` "
             f"entry point (dmi_arch_tables) so the scheduler loads it too")
     tp_size, rank = tp_rank()
+    _new_run(scheduler)
     adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
                                   in_flight=in_flight(scheduler), tp=(tp_size, rank))
     session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))

@@ -151,7 +151,7 @@ class SGLangWorkerAdapter(Adapter):
         # the prompt's last token): those gaps belong to the token hooks only.
         tokens = [i for i, b in enumerate(s.bindings) if b.group != LOGITS]
         for rid, pos, reason in self.coverage.step(fb, names):
-            s.not_computed(rid, pos, reason, hooks=tokens if reason == "prefix_cache" else None)
+            s.not_computed(rid, pos, reason, hooks=tokens if reason == "prefix_cache" else None, edits=True)
         n = int(fb.input_ids.shape[0]) if fb.input_ids is not None else int(fb.positions.shape[0])
         rows, last = row_table(fb, n, self.coverage.before, names)
         # The logits processor computes one row per request, at its last row of the step.

@@ -142,6 +142,8 @@ class ServeChannel:
 
     @staticmethod
     def _read(path) -> int:
+        if path is None:
+            return 0
         try:
             with open(path) as f:
                 return int(f.read().strip() or 0)
