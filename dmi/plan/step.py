@@ -104,7 +104,7 @@ class Planner:
             kept[g] = (keep, fb, produced, produced - int(keep.sum()))
         # Hooks of one group share their row arrays (read-only): per step the work is per group,
         # and per hook only a record (a decode step plans every hook; this is its whole cost).
-        shared: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]] = {}
+        shared: dict[tuple[str, bool] | None, tuple[np.ndarray, np.ndarray]] = {}
         frame = Frame(step, tables, header=self.header)
         masks = ({g: self.request_masks(g, t) for g, t in tables.items()} if self.request_masks is not None
                  else dict.fromkeys(tables))
@@ -113,18 +113,18 @@ class Planner:
             keep, fb, produced, filtered = kept[b.group]
             fallback = degraded and i in self.fallback
             mask = masks[b.group]
-            if mask is None:
-                rows = shared.get((b.group, fallback))
-                if rows is None:
-                    chosen = (fb if fallback else np.zeros_like(keep)) if degraded else keep
-                    rows = shared[(b.group, fallback)] = (np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen))
-                src, lost = rows
-            else:  # rows no request asked this hook for are filtered, not lost
-                filtered += int((keep & ~mask[i]).sum())
-                keep = keep & mask[i]
-                fb = fb & mask[i] if fb is not None else None
+            key = (b.group, fallback) if mask is None else None  # per-request masks: a hook's own rows
+            rows = shared.get(key)
+            if rows is None:
+                if mask is not None:  # rows no request asked this hook for are filtered, not lost
+                    filtered += int((keep & ~mask[i]).sum())
+                    keep = keep & mask[i]
+                    fb = fb & mask[i] if fb is not None else None
                 chosen = (fb if fallback else np.zeros_like(keep)) if degraded else keep
-                src, lost = np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen)
+                rows = (np.flatnonzero(chosen), np.flatnonzero(keep & ~chosen))
+                if key is not None:
+                    shared[key] = rows
+            src, lost = rows
             h = HookRows(i, b.group, src, produced, filtered, lost)
             if mask is not None:
                 h.slot = len(self.groups) + i
