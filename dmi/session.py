@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import os
 import threading
 import weakref
 
@@ -110,6 +111,7 @@ class Session:
         self._strict_pending = strict.enabled()
         atexit.unregister(_close_open_sessions)
         atexit.register(_close_open_sessions)
+        _close_at_child_exit()
 
     def _check_fallback(self, spec) -> set[int]:
         """Indices of the hooks the degrade fallback keeps; it must be a subset of the spec."""
@@ -461,6 +463,24 @@ def _close_open_sessions() -> None:
             session.close()
         except Exception as e:  # at exit, report and go on to the next
             log.error("dmi: closing a session at exit failed: %s", e)
+
+
+_FINALIZED_IN: int | None = None
+
+
+def _close_at_child_exit() -> None:
+    """A multiprocessing child (an engine's worker or core, started by fork) leaves through
+    os._exit after its target returns or raises (a Ctrl-C's KeyboardInterrupt too): atexit
+    handlers never run there, so its run would stay marked incomplete although it stopped in
+    order. multiprocessing's own exit finalizers do run; close there as well (once per process)."""
+    global _FINALIZED_IN
+    import multiprocessing
+    import multiprocessing.util
+
+    if multiprocessing.parent_process() is None or _FINALIZED_IN == os.getpid():
+        return
+    _FINALIZED_IN = os.getpid()
+    multiprocessing.util.Finalize(None, _close_open_sessions, exitpriority=10)
 
 
 def _predicate(name: str | None):

@@ -87,3 +87,18 @@ def check_engine_bench(engine: str, tmp_path, own_modes: tuple[str, ...] = ()) -
     assert ok["dmi"]["bytes_captured"] > 0 and ok["dmi-null"]["bytes_captured"] == 0
     assert all(r["tokens_per_s"] > 0 for r in ok.values())
     assert [r["status"] for r in rows if r["mode"] == "hf-attentions"] == [f"not applicable to {engine}"]
+
+
+def capture_in_child(model_dir: str, out: str, prompt: list[int], new: int, interrupt: bool) -> None:
+    """A multiprocessing child (an engine worker's shape): capture one generate and leave
+    without closing the session, normally or by a Ctrl-C's KeyboardInterrupt."""
+    from transformers import AutoModelForCausalLM
+
+    import dmi
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    dmi.attach(model, dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=out))
+    model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    if interrupt:
+        raise KeyboardInterrupt

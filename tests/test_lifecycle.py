@@ -143,3 +143,31 @@ def test_soak_small_ring(overload, load, tmp_path):
     run = dmi.open(tmp_path / "soak.h5")
     assert run.complete and len(run.requests) == n
     assert len(run.gaps()) == stats["rows"]["dropped"] - stats["drop_reasons"].get("sink_error", 0)
+
+
+@pytest.mark.parametrize("interrupt", [False, True], ids=["returns", "ctrl-c"])
+def test_a_forked_child_that_leaves_without_close_completes_its_run(interrupt, tiny_dirs, load, tmp_path):
+    """multiprocessing children started by fork (vLLM's and SGLang's workers) leave through
+    os._exit, where atexit handlers never run: the run is still closed, complete and exact."""
+    import multiprocessing
+
+    from helpers import capture_in_child
+    from reference import reference
+
+    out = str(tmp_path / "child.h5")
+    prompt, new = [5, 6, 7], 3
+    # forkserver: a fork of a clean server process (forking this test process, whose torch has
+    # run threads, could hang), leaving through os._exit like any forked child
+    p = multiprocessing.get_context("forkserver").Process(
+        target=capture_in_child, args=(str(tiny_dirs["qwen3"]), out, prompt, new, interrupt))
+    p.start()
+    p.join(180)
+    assert p.exitcode == (1 if interrupt else 0)
+    run = dmi.open(out)
+    assert run.complete, run.stats.get("errors")
+    model = load("qwen3")
+    gen = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0)[0].tolist()
+    seq = gen[:-1]  # the last token is never fed
+    assert run.positions("blocks.0.hook_resid_post", "0").tolist() == list(range(len(seq)))
+    ref = reference(model, seq)["blocks.0.hook_resid_post"]
+    assert (run.get("blocks.0.hook_resid_post", "0") - ref).abs().max() < 1e-4
