@@ -64,7 +64,18 @@ def _patch_api_server() -> None:
     def init_entrypoints_middleware(args, app, *rest, **kwargs):
         spec, policy = served_config(getattr(args, "additional_config", None))
         if spec is not None:
+            from dmi.errors import SpecError
             from dmi.serve.asgi import DmiMiddleware, Front
+
+            count = getattr(args, "api_server_count", None)
+            if count is not None and count > 1:
+                # Each API server process would hold its own index of requests, tokens and
+                # tenant quotas: a client's results read could land on a server that never
+                # saw its request (404), and quotas would count per process.
+                raise SpecError("api_server_count", f"dmi serves per-request capture from one API server "
+                                                    f"process; got --api-server-count {count}. Run with "
+                                                    f"--api-server-count 1 (one API server drives every "
+                                                    f"engine core, data parallel included)")
 
             # Built now, so a bad policy stops the server at start-up, naming the field.
             front = Front.create("vllm", spec, policy, model=str(args.model),

@@ -108,3 +108,19 @@ def test_served_engine_records_rows_under_the_servers_ids(tiny_dirs, tmp_path, l
         assert choice["prompt_token_ids"] == PROMPTS[i] and len(choice["token_ids"]) == MAX_TOKENS[i]
         seq = PROMPTS[i] + choice["token_ids"][:-1]
         assert_matches(run, hf, ids[i], seq, run.hooks, logits_from=len(PROMPTS[i]) - 1)
+
+
+def test_more_than_one_api_server_is_refused_at_start(tiny_dirs, tmp_path):
+    """Each API server process would keep its own index of requests and tenant quotas, so a
+    client's results read could land on a server that never saw its request: refused at start,
+    naming the option, and nothing is left running."""
+    model, sink = str(tiny_dirs["qwen3"]), str(tmp_path / "two.h5")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(_port()),
+           "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "2",
+           "--kv-cache-memory-bytes", str(64 * 2**20), "--skip-tokenizer-init", "--enforce-eager",
+           "--api-server-count", "2",
+           "--additional-config", json.dumps({"dmi": {"hooks": ["blocks.0.hook_resid_post"], "sink": sink}})]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode != 0
+    assert "api_server_count: dmi serves per-request capture from one API server process" in proc.stdout + proc.stderr
