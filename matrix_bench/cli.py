@@ -140,13 +140,13 @@ def run_matrix(args) -> list[dict]:
 
 
 def _row(engine, mode, batch, decode, prompt, repeat, seconds=float("nan"), bytes_captured=0, rows_dropped=0,
-         close_s=0.0, peak_mem=0, status="ok") -> dict:
+         close_s=0.0, peak_mem=0, status="ok", cpu_s=float("nan")) -> dict:
     tokens = batch * decode
     return dict(engine=engine, mode=mode, batch=batch, decode_len=decode, prompt_len=prompt, repeat=repeat,
                 seconds=seconds, tokens_per_s=tokens / seconds if seconds == seconds else float("nan"),
                 step_ms=1000 * seconds / decode if seconds == seconds else float("nan"),
                 bytes_captured=bytes_captured, rows_dropped=rows_dropped, close_s=close_s, peak_mem=peak_mem,
-                status=status)
+                status=status, cpu_s=cpu_s)
 
 
 def _hooks(s: str) -> list[str]:

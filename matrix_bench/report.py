@@ -22,15 +22,15 @@ def markdown(rows: list[dict]) -> str:
     for (engine, b, d), by_mode in sorted(cells.items()):
         tps = [_med_spread([x["tokens_per_s"] for x in by_mode.get(m, [])]) + _drops(by_mode.get(m, []))
                for m in modes]
-        over = []
-        off = {x["repeat"]: x["seconds"] for x in by_mode.get("off", [])}
-        for m in modes:
-            if m == "off":
-                continue
-            # per-repeat ratio to the `off` run of the same repeat, then the median
-            ratios = [x["seconds"] / off[x["repeat"]] - 1 for x in by_mode.get(m, []) if x["repeat"] in off]
-            over.append(f"{100 * statistics.median(ratios):+.1f}%" if ratios else "n/a")
+        over = _overheads(by_mode, modes, "seconds")
         lines.append(f"| {engine} | {b} | {d} | " + " | ".join(tps) + " | " + " | ".join(over) + " |")
+    if any(x.get("cpu_s", float("nan")) == x.get("cpu_s") for c in cells.values() for xs in c.values() for x in xs):
+        others = [m for m in modes if m != "off"]
+        lines += ["", "CPU overhead (CPU seconds of the whole process, every thread, median of per-repeat ratios "
+                      "to `off`; unlike the wall clock, blind to other tenants of a shared machine; HF only):", "",
+                  "| engine | batch | decode | " + " | ".join(others) + " |", "|" + "---|" * (3 + len(others))]
+        for (engine, b, d), by_mode in sorted(cells.items()):
+            lines.append(f"| {engine} | {b} | {d} | " + " | ".join(_overheads(by_mode, modes, "cpu_s")) + " |")
     lines += _metric_table(cells, modes, "Per-step latency (ms, median):", "step_ms", 1.0, ".1f")
     lines += _metric_table(cells, modes, "Peak memory (MB, median; process RSS on CPU, allocated on GPU):",
                            "peak_mem", 1e6, ".0f")
@@ -45,6 +45,20 @@ def markdown(rows: list[dict]) -> str:
             which = "all modes" if set(ms) >= all_modes else ", ".join(ms)
             lines.append(f"- {engine} ({which}): {status}")
     return "\n".join(lines) + "\n"
+
+
+def _overheads(by_mode, modes, key: str) -> list[str]:
+    """Per mode but `off`: the median over repeats of its ratio to the `off` run of the same
+    repeat (modes interleave within a repeat), as a signed percentage."""
+    off = {x["repeat"]: x.get(key) for x in by_mode.get("off", [])}
+    out = []
+    for m in modes:
+        if m == "off":
+            continue
+        ratios = [x[key] / off[x["repeat"]] - 1 for x in by_mode.get(m, [])
+                  if off.get(x["repeat"]) and x.get(key) == x.get(key) and off[x["repeat"]] == off[x["repeat"]]]
+        out.append(f"{100 * statistics.median(ratios):+.1f}%" if ratios else "n/a")
+    return out
 
 
 def _metric_table(cells, modes, title: str, key: str, scale: float, fmt: str) -> list[str]:

@@ -163,10 +163,10 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
     session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))
     from dmi.serve.engine import ServeChannel, run_path
 
-    # Every rank watches the front end (and closes when it dies); rank 0 answers the served
-    # flush handshake for the run (a handshake per rank would race on one file).
+    # Every rank watches the front end (and closes when it dies) and answers served flushes
+    # for its own file.
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start,
-                  channel=ServeChannel(session, run_path(spec.sink) if rank == 0 else None))
+                  channel=ServeChannel(session, run_path(spec.sink), rank))
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
     return {"hooks": session.names, "rank": rank}
 

@@ -329,10 +329,10 @@ def open_session(worker, spec_json: str, family: str | None = None) -> str:
     sink = plugins.sink_for(rank_sink(spec.sink, rank, tp_size))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)
     _SESSIONS[id(worker)] = session
-    if rank == 0:
-        from dmi.serve.engine import ServeChannel, run_path
+    from dmi.serve.engine import ServeChannel, run_path
 
-        _CHANNELS[id(worker)] = ServeChannel(session, run_path(spec.sink))
+    # Every rank answers served flushes for its own file and stops if the front end dies.
+    _CHANNELS[id(worker)] = ServeChannel(session, run_path(spec.sink), rank)
     return json.dumps({"hooks": session.names, "rank": adapter.tp_rank})
 
 

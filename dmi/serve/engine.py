@@ -11,10 +11,12 @@ for the planner (Planner.enable_request_masks): a row is kept for a hook when th
 keeps it (the planner's own filters) AND its request selected that hook and its tokens keep
 the row. Steps whose requests all take the armed spec cost one dict lookup per request.
 
-`ServeChannel` is a daemon thread next to the session:
-- flush requests from the front end: it writes a sequence number to `<run>.dmi-flush`; the
-  thread sends a flush marker through the session's drain (the engine thread never waits)
-  and writes the number to `<run>.dmi-flushed` once everything captured before is committed;
+`ServeChannel` is a daemon thread next to the session, one per tensor-parallel rank:
+- flush requests from the front end: it writes a sequence number to `<run>.dmi-flush`; each
+  rank's thread sends a flush marker through its session's drain (the engine thread never
+  waits) and writes the number to its own file's `.dmi-flushed` (`<run>.dmi-flushed`,
+  `<run>.rank<r>.dmi-flushed`) once everything captured before is committed; the front end
+  reads once every rank has answered (a rank's split or partial rows complete rank 0's);
 - the front end's death: when the process that started the engine is gone, capture stops,
   the file is closed marked incomplete with that error, and this engine process is asked to
   terminate (an orphan has no one to answer; it must not keep writing).
@@ -127,10 +129,10 @@ class RequestTable:
 class ServeChannel:
     POLL_S = 0.02
 
-    def __init__(self, session, run_path: str | None):
+    def __init__(self, session, run_path: str | None, rank: int = 0):
         self.session = session
         self.req = f"{run_path}.dmi-flush" if run_path else None
-        self.ack = f"{run_path}.dmi-flushed" if run_path else None
+        self.ack = ack_path(run_path, rank) if run_path else None
         self.front = _front_pid()
         self._stop = threading.Event()
         self._seen = self._read(self.req)
@@ -186,6 +188,13 @@ class ServeChannel:
             s.closed = True
         s._shutdown(complete=False)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ack_path(run_path: str, rank: int) -> str:
+    """Where tensor-parallel rank `rank` acknowledges flushes: beside the file it writes."""
+    from dmi.tp import rank_sink
+
+    return f"{rank_sink(run_path, rank, 0)}.dmi-flushed"
 
 
 def run_path(sink) -> str | None:

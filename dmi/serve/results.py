@@ -16,8 +16,10 @@ Encodings (docs/serving.md):
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -33,23 +35,35 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 
 def flush(run_path: str, timeout: float) -> bool:
-    """Ask the engine to commit everything it captured so far; True once it has."""
+    """Ask the engine to commit everything it captured so far; True once every
+    tensor-parallel rank has (a rank's rows complete the others': split heads, partial sums)."""
+    from .engine import ack_path
+
     seq = time.time_ns()
     req = f"{run_path}.dmi-flush"
     tmp = f"{req}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(str(seq))
     os.replace(tmp, req)
+    # The ranks' files exist from the session's start, before any request could be read.
+    ranks = [0] + sorted(int(m.group(1)) for m in (re.search(r"\.rank(\d+)$", p) for p in glob.glob(
+        glob.escape(run_path) + ".rank*")) if m)
+    waiting = [ack_path(run_path, r) for r in ranks]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"{run_path}.dmi-flushed") as f:
-                if int(f.read().strip() or 0) >= seq:
-                    return True
-        except (OSError, ValueError):
-            pass
+        waiting = [a for a in waiting if _acked(a) < seq]
+        if not waiting:
+            return True
         time.sleep(0.01)
     return False
+
+
+def _acked(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass

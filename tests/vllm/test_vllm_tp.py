@@ -110,3 +110,41 @@ def test_rank_files_need_a_path_sink():
     assert rank_sink({"kind": "hdf5", "path": "run.h5"}, 1, 2) == {"kind": "hdf5", "path": "run.h5.rank1"}
     with pytest.raises(SpecError, match="tensor-parallel ranks"):
         rank_sink({"kind": "socket", "address": "x"}, 1, 2)
+
+
+def test_tp2_served_results_wait_for_every_rank(tiny_dirs, tmp_path, load):
+    """A served TP=2 engine: a client's rows, read right after its response, hold both ranks'
+    halves of the split hooks and equal the oracle. Each rank commits on its own clock; the
+    results read waits until every rank has acknowledged the flush, not rank 0 alone."""
+    import json
+    import sys
+
+    from serving import Server, assert_rows_match, free_port
+
+    from dmi.client import Client
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.*.attn.hook_q", "blocks.0.mlp.hook_post"]
+    sink, port = str(tmp_path / "tp.h5"), free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dirs["qwen3"]),
+           "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256",
+           "--max-num-seqs", "2", "--kv-cache-memory-bytes", str(64 * 2**20), "--skip-tokenizer-init",
+           "--enforce-eager", "--shutdown-timeout", "20", "--tensor-parallel-size", "2",
+           "--distributed-executor-backend", "mp",
+           # commits only when asked: a read that waited for rank 0 alone would miss rank 1's rows
+           "--additional-config", json.dumps({"dmi": {"hooks": hooks, "sink": {"kind": "hdf5", "path": sink, "flush_every_s": 3600}}})]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "VLLM_CPU_OMP_THREADS_BIND": _omp_bind()}
+    server = Server(cmd, env, tmp_path / "server.log", port)
+    hf = load("qwen3")
+    try:
+        c = Client(server.base)
+        for k, prompt in enumerate([[11, 12, 13], [21, 22, 23, 24, 25], [31, 32]]):
+            r = c.completions(model=str(tiny_dirs["qwen3"]), prompt=prompt, max_tokens=3 + k, temperature=0,
+                              ignore_eos=True, return_token_ids=True, dmi={"hooks": hooks})
+            choice = r["choices"][0]
+            seq = list(choice["prompt_token_ids"]) + list(choice["token_ids"])[:-1]
+            want = {h: list(range(len(seq))) for h in
+                    ["blocks.1.hook_resid_post", "blocks.0.attn.hook_q", "blocks.1.attn.hook_q", "blocks.0.mlp.hook_post"]}
+            assert_rows_match(c.rows(r), hf, seq, want)
+    finally:
+        server.stop()
+    assert os.path.exists(sink + ".rank1")
