@@ -9,7 +9,7 @@ import numpy as np
 COLUMNS = (("engine", "S16"), ("mode", "S24"), ("batch", "i8"), ("decode_len", "i8"), ("prompt_len", "i8"),
            ("repeat", "i8"), ("seconds", "f8"), ("tokens_per_s", "f8"), ("step_ms", "f8"),
            ("bytes_captured", "i8"), ("rows_dropped", "i8"), ("close_s", "f8"), ("peak_mem", "i8"),
-           ("status", "S96"))
+           ("status", "S96"), ("cpu_s", "f8"))
 
 
 class Results:
@@ -17,7 +17,8 @@ class Results:
         self.path = path
 
     def write(self, rows: list[dict], attrs: dict) -> None:
-        table = np.array([tuple(_cell(r[c], t) for c, t in COLUMNS) for r in rows], dtype=list(COLUMNS))
+        table = np.array([tuple(_cell(r.get(c, float("nan")), t) for c, t in COLUMNS) for r in rows],
+                         dtype=list(COLUMNS))
         with h5py.File(self.path, "w") as f:
             f.create_dataset("results", data=table)
             for k, v in attrs.items():
