@@ -180,6 +180,15 @@ class Session:
                                                         f"ring.bytes.")
                 self._gap(frame, name, table, h.src, reason, produced=h.produced, filtered=h.filtered)
 
+    def wants(self, i: int) -> bool:
+        """Whether binding i's capture point has anything to do in this step: rows planned for
+        it, a later part of a split frame, or an eager-only layout placed when it fires."""
+        frame = self.frame
+        if frame is None:
+            return False
+        h = frame.hooks[i]
+        return h.offset is not None or h.dynamic or h.reason == "deferred"
+
     def capture(self, i: int, x: torch.Tensor, flat: bool = False) -> None:
         """Capture binding i's tensor: [batch, t, ...] (or [rows, ...] when flat) whose rows are
         its row group's rows. For fixed-layout hooks this is exactly one dmi::capture launch."""

@@ -126,12 +126,14 @@ def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | Non
         past_len = int(inp.past.get_seq_length())
 
     if mask is not None:
-        m = mask.detach().to("cpu", torch.int64)
-        cols = (cache_pos.detach().cpu().long() if cache_pos is not None
-                else torch.arange(m.shape[1] - T, m.shape[1]))
-        real = m[:, cols].bool().numpy()
-        position = (m.cumsum(1)[:, cols] - 1).numpy()
-        key_mask = m.bool().numpy()
+        # numpy on the host copy: a decode step reads the mask every time, and each torch op
+        # here costs several times its numpy twin
+        m = mask.detach().to("cpu").numpy().astype(np.int64, copy=False)
+        cols = (cache_pos.detach().to("cpu").numpy().astype(np.int64, copy=False) if cache_pos is not None
+                else np.arange(m.shape[1] - T, m.shape[1]))
+        real = m[:, cols] != 0
+        position = np.cumsum(m, axis=1)[:, cols] - 1
+        key_mask = m != 0
     else:
         start = int(cache_pos[0]) if cache_pos is not None else past_len
         real = np.ones((B, T), dtype=bool)
