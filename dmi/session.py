@@ -182,7 +182,12 @@ class Session:
 
     def wants(self, i: int) -> bool:
         """Whether binding i's capture point has anything to do in this step: rows planned for
-        it, a later part of a split frame, or an eager-only layout placed when it fires."""
+        it, a later part of a split frame, or an eager-only layout placed when it fires. An
+        eager point that has nothing to do returns before reading or deriving its tensor. Code
+        being traced or recorded into a CUDA graph always captures: it replays with the plans of
+        later steps."""
+        if torch.compiler.is_compiling() or (self._on_gpu and torch.cuda.is_current_stream_capturing()):
+            return True
         frame = self.frame
         if frame is None:
             return False

@@ -315,9 +315,7 @@ class HFAdapter(Adapter):
 
 
 def _capture_hook(adapter: HFAdapter, i: int, b: HFBinding, dims, args, kwargs, output) -> None:
-    # Eager: a point the step's plan gives nothing to do returns before reading, slicing or
-    # deriving its tensor (traced code must not bake this step's plan in: it always captures).
-    if not torch.compiler.is_compiling() and not adapter.session.wants(i):
+    if not adapter.session.wants(i):
         return
     x = reading.pick(b.tap, args, kwargs, output)
     if not isinstance(x, torch.Tensor):

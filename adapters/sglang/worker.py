@@ -209,7 +209,7 @@ def _edit_view(b: SBinding, d, x: torch.Tensor) -> torch.Tensor:
 
 def _capture(adapter: SGLangWorkerAdapter, i: int, b: SBinding, args, kwargs, output) -> None:
     s = adapter.session
-    if s is None or s.frame is None:
+    if s is None or not s.wants(i):
         return
     try:
         _capture_one(adapter, s, i, b, args, kwargs, output)

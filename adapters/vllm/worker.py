@@ -249,6 +249,8 @@ class WorkerAdapter(Adapter):
         self._in_step = True
 
     def _hook(self, i: int, b: VBinding, args, kwargs, out) -> None:
+        if self.session is None or not self.session.wants(i):
+            return  # before read: a residual sum or scaling would be computed for nothing
         x = read(b.tap, self.dims, args, kwargs, out, b.factor)
         if x is None:
             return
