@@ -60,6 +60,7 @@ class Served:
     token_key: str | None         # identity of `tokens`, to mask requests sharing a filter at once
     interventions: list | None = None
     tenant: str | None = None
+    uid: str | None = None
 
 
 class RequestTable:
@@ -68,10 +69,16 @@ class RequestTable:
 
     LIMIT = 1 << 16
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], banks=None):
+        """banks: the session's dmi.interventions.banks.Banks when clients may steer; they look
+        each row's request up here, and a request's slot is freed when its last name is."""
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.by_name: dict[str, Served] = {}
+        self.banks = banks
+        self._names_of: dict[str, int] = {}  # uid -> its names held here (steering requests only)
+        if banks is not None:
+            banks.lookup = self.by_name.get
 
     def add(self, name: str, info: dict | None) -> None:
         if info is None or name in self.by_name:
@@ -95,11 +102,20 @@ class RequestTable:
             mask = TokenMask(TokenFilter.model_validate(tokens))
             key = json.dumps(tokens, sort_keys=True)
         if len(self.by_name) >= self.LIMIT:
-            self.by_name.pop(next(iter(self.by_name)))
-        self.by_name[name] = Served(vec, mask, key, info.get("interventions"), info.get("tenant"))
+            self.forget(next(iter(self.by_name)))
+        s = self.by_name[name] = Served(vec, mask, key, info.get("interventions"), info.get("tenant"),
+                                        str(info["uid"]) if info.get("uid") is not None else None)
+        if s.interventions and s.uid:
+            self._names_of[s.uid] = self._names_of.get(s.uid, 0) + 1
 
     def forget(self, name: str) -> None:
-        self.by_name.pop(name, None)
+        s = self.by_name.pop(name, None)
+        if s is not None and s.interventions and s.uid and s.uid in self._names_of:
+            self._names_of[s.uid] -= 1
+            if self._names_of[s.uid] <= 0:
+                del self._names_of[s.uid]
+                if self.banks is not None:
+                    self.banks.release(s.uid)
 
     def masks(self, group: str, table: RowTable) -> np.ndarray | None:
         """bool [hooks, rows]: which rows each hook keeps by its requests' choices; None when
