@@ -78,8 +78,9 @@ def for_sglang(model_path: str, spec: dict) -> Served:
 
     hm = hook_map(model_path)
     bindings = hm.bind(CaptureSpec.parse(spec).hooks)
+    # (no model dtype here, so the bindings carry no row_shape: the taps give it)
     return Served([b.name for b in bindings], {b.name: b.row_bytes for b in bindings}, hm.dims.n_layers,
-                  shapes=_shapes(bindings),
+                  shapes={b.name: tuple(b.tap.shape(hm.dims)) for b in bindings if not b.tap.dtype},
                   not_editable={b.name: _why(b) or (lambda w: w if isinstance(w, str) else None)(site(b))
                                 for b in bindings})
 
