@@ -33,6 +33,9 @@ class Banks:
         self.index = {n: j for j, n in enumerate(self.names)}
         self.shapes = [tuple(b.row_shape) for b in bindings]
         self.values = [torch.zeros((2, slots, *s), dtype=b.dtype, device=device) for s, b in zip(self.shapes, bindings)]
+        if torch.device(device).type == "cuda":  # a CUDA graph reads them where they were recorded
+            for v in self.values:
+                torch._dynamo.mark_static_address(v)
         self.cols = first_col + np.arange(len(bindings))
         self.first_k = first_k
         self.n_slots = slots
