@@ -57,3 +57,22 @@ BAD = [({"interventions": [{"hook": "hook_logits", "op": "scale", "scale": 2.0}]
        ({"interventions": [{"hook": HOOK, "op": "add", "value": [1.0, 2.0]}]}, "dmi.interventions[0].value"),
        ({"interventions": [{"hook": HOOK, "op": "add", "value": {"file": "/etc/passwd"}}]},
         "dmi.interventions[0].value")]
+
+
+def run_n2(ask_n, hf, client) -> None:
+    """n = 2, greedy (both choices are the oracle's): every choice steered, the prompt it shares
+    with its sibling too, and the report covers both. ask_n(client, prompt, dmi) -> [(generated
+    token ids, the response item carrying "dmi")] per choice."""
+    ivs = kinds(hf.config.hidden_size)[0][1]
+    prompt = [97, 12, 13, 14]
+    outs = ask_n(client, prompt, {"hooks": [DOWN], "interventions": ivs})
+    tokens, down = oracle(hf, prompt, ivs)
+    fed = len(prompt) + NEW - 1
+    for j, (generated, item) in enumerate(outs):
+        assert list(generated) == tokens, (j, generated, tokens)
+        rows = client.rows(item, prompt=0, choice=j)
+        assert rows[DOWN + ".positions"].tolist() == list(range(fed))
+        assert (rows[DOWN] - down).abs().max().item() < 1e-4, j
+    (report,) = outs[0][1]["dmi"]["interventions"]
+    assert report["applied"] is True, report
+    assert {(p["prompt"], p["choice"]) for p in report["parts"]} >= {(0, 0), (0, 1)}, report

@@ -211,9 +211,16 @@ def test_intervention_report_reads_the_books():
                                                    "failed": {"prefix_cache": {f"{U}.0.1": [[0, 3]]}}},
              "served@blocks.0.hook_resid_post": {"requests": {}, "failed": {}}}
     got = report(books, U, ivs)
-    assert got[0]["rows"] == 5 and got[0]["parts"] == [{"prompt": 0, "choice": 0, "positions": [[0, 5]]}]
-    assert got[0]["not_applied"] == [{"reason": "prefix_cache", "prompt": 0, "choice": 1, "positions": [[0, 3]]}]
-    assert got[0]["applied"] is False and got[1]["applied"] is False and "tokens" in got[1]["why"]
+    # choice 1 took prompt positions 0..2 from its sibling's cache, which edited them: shared, not missed
+    assert got[0]["rows"] == 5 and got[0]["parts"] == [
+        {"prompt": 0, "choice": 0, "positions": [[0, 5]]},
+        {"prompt": 0, "choice": 1, "positions": [], "shared_prompt_positions": [[0, 3]]}]
+    assert got[0]["not_applied"] == [] and got[0]["applied"] is True
+    assert got[1]["applied"] is False and "tokens" in got[1]["why"]
+    books[f"served@{ivs[0]['hook']}"]["failed"] = {"prefix_cache": {f"{U}.1.0": [[0, 2]]}, "no_slot": {f"{U}.0.0": [[5, 6]]}}
+    got = report(books, U, ivs)
+    assert got[0]["applied"] is False and sorted(x["reason"] for x in got[0]["not_applied"]) == ["no_slot",
+                                                                                              "prefix_cache"]
     assert report(books, V, ivs[:1])[0]["applied"] is True
     assert report({}, U, ivs[:1])[0]["applied"] is False
 

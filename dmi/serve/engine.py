@@ -6,6 +6,10 @@ SGLang `custom_params`): {"uid", "tenant", "kind", "n", "prompts", "hooks", "tok
 "interventions"}. `hooks` are canonical names within the armed spec (None: all of them),
 `tokens` a TokenFilter (None: the armed spec's alone).
 
+A request's `interventions` (checked by dmi/serve/steer.py) reach the session's banks
+(dmi/interventions/banks.py), which look each step's rows up here; a steering request's slot
+is released when the last of its names is forgotten.
+
 `RequestTable.masks(group, table)` turns the step's requests into a bool [hooks, rows] mask
 for the planner (Planner.enable_request_masks): a row is kept for a hook when the armed spec
 keeps it (the planner's own filters) AND its request selected that hook and its tokens keep

@@ -102,9 +102,10 @@ def _number(x) -> bool:
 def report(books: dict, uid: str, ivs: list[dict]) -> list[dict]:
     """What the engine applied of each of a request's interventions, from the run's books
     (dmi.Run.interventions): per part (prompt, choice), the positions edited, and those not
-    edited with why."""
-    from .names import parse_row_name
-
+    edited with why. A steered request's prefix cache is its own (its cache_salt), so prompt
+    positions a choice took from the cache were computed, with the same edits, by a sibling
+    of the same prompt: where the books show that sibling edited them, they are reported as
+    `shared_prompt_positions` of that part, not as missed."""
     out = []
     for k, iv in enumerate(ivs):
         entry = books.get(f"served@{iv['hook']}")
@@ -114,19 +115,48 @@ def report(books: dict, uid: str, ivs: list[dict]) -> list[dict]:
                                            "see the server's log)")
             out.append(item)
             continue
-        for name, ranges in sorted(entry.get("requests", {}).items()):
-            part = parse_row_name(name)
-            if part is not None and part[0] == uid:
-                item["rows"] += sum(b - a for a, b in ranges)
-                item["parts"].append({"prompt": part[1], "choice": part[2], "positions": ranges})
+        done: dict[int, set[int]] = {}  # prompt -> positions some part of it edited
+        for (p, c), ranges in _mine(entry.get("requests", {}), uid):
+            item["rows"] += sum(b - a for a, b in ranges)
+            item["parts"].append({"prompt": p, "choice": c, "positions": ranges})
+            done.setdefault(p, set()).update(x for a, b in ranges for x in range(a, b))
         for why, by in entry.get("failed", {}).items():
-            for name, ranges in sorted(by.items()):
-                part = parse_row_name(name)
-                if part is not None and part[0] == uid:
-                    item["not_applied"].append({"reason": why, "prompt": part[1], "choice": part[2],
-                                                "positions": ranges})
-        item["applied"] = item["rows"] > 0 and not item["not_applied"]
-        if not item["rows"] and not item["not_applied"]:
+            for (p, c), ranges in _mine(by, uid):
+                pos = [x for a, b in ranges for x in range(a, b)]
+                shared = [x for x in pos if why == "prefix_cache" and x in done.get(p, ())]
+                missed = [x for x in pos if x not in set(shared)]
+                if shared:
+                    part = next((q for q in item["parts"] if (q["prompt"], q["choice"]) == (p, c)), None)
+                    if part is None:
+                        part = {"prompt": p, "choice": c, "positions": []}
+                        item["parts"].append(part)
+                    part["shared_prompt_positions"] = _ranges(shared)
+                if missed:
+                    item["not_applied"].append({"reason": why, "prompt": p, "choice": c, "positions": _ranges(missed)})
+        item["applied"] = bool(item["parts"]) and not item["not_applied"]
+        if not item["parts"] and not item["not_applied"]:
             item["why"] = "no row of this request matched its tokens"
         out.append(item)
+    return out
+
+
+def _mine(by_name: dict, uid: str):
+    from .names import PREFIX, parse_row_name
+
+    got = []
+    for name, ranges in by_name.items():
+        part = parse_row_name(name)
+        if part is not None and part[0] == uid:
+            got.append(((part[1], part[2]), ranges))
+    got.sort(key=lambda x: (x[0][0], x[0][1] == PREFIX, x[0][1] if isinstance(x[0][1], int) else 0))
+    return got
+
+
+def _ranges(pos: list[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for x in sorted(pos):
+        if out and out[-1][1] == x:
+            out[-1][1] = x + 1
+        else:
+            out.append([x, x + 1])
     return out

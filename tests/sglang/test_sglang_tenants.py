@@ -110,6 +110,13 @@ def test_two_tenants_one_server(sgl_tiny, hf_model, tmp_path):
 
         steer_served.run(steer, hf, {"alice": alice, "bob": bob})
 
+        def steer_n2(who, prompt, spec):
+            r = who.generate(input_ids=prompt, sampling_params={"max_new_tokens": steer_served.NEW, "n": 2,
+                                                                **SAMPLING}, dmi=spec)
+            return [(out["output_ids"], out) for out in r]
+
+        steer_served.run_n2(steer_n2, hf, alice)
+
         bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"), *steer_served.BAD,
                ({"sink": "/tmp/mine.h5"}, "dmi.sink"),
                ({"tokens": "sometimes"}, "dmi.tokens.mode")]

@@ -143,6 +143,14 @@ def test_two_tenants_one_server(tiny_dirs, tmp_path, load):
 
         steer_served.run(steer, hf, {"alice": alice, "bob": bob})
 
+        def steer_n2(who, prompt, spec):
+            # (vLLM refuses n > 1 with temperature 0; top_k 1 samples the argmax)
+            r = who.completions(model=model, prompt=prompt, max_tokens=steer_served.NEW, n=2, temperature=1.0,
+                                top_k=1, seed=1, ignore_eos=True, return_token_ids=True, dmi=spec)
+            return [(c["token_ids"], r) for c in sorted(r["choices"], key=lambda c: c["index"])]
+
+        steer_served.run_n2(steer_n2, hf, alice)
+
         # out of policy: 400 naming the field; the server goes on serving
         bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"), *steer_served.BAD,
                ({"sink": "/tmp/mine.h5"}, "dmi.sink"),
