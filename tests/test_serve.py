@@ -377,6 +377,9 @@ def test_steering_requests_are_bounded_by_slots_and_keep_their_own_cache():
     assert _call(mw, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 1})[0] == 200  # others still served
     front.entries[doc["dmi"]["id"]].done = True
     assert _call(mw, "POST", "/v1/completions", body)[0] == 200
+    st, _, pol = _call(mw, "GET", "/v1/dmi/policy")
+    assert pol["intervention_hooks"] == {"blocks.0.hook_resid_post": [64], "blocks.1.hook_resid_post": [64]}
+    assert pol["intervention_slots"] == 1
 
 
 def test_sglang_requests_are_named_apart_and_by_arrival():

@@ -350,7 +350,8 @@ class DmiMiddleware:
             return await _json(send, 200, {"hooks": f.served.allowed, "max_request_bytes": p.max_request_bytes,
                                            "max_tenant_bytes": p.max_tenant_bytes,
                                            "allow_interventions": p.allow_interventions,
-                                           "intervention_hooks": f.served.steerable,
+                                           "intervention_hooks": {h: list(f.served.shapes[h])
+                                                                  for h in f.served.steerable},
                                            "intervention_slots": p.intervention_slots,
                                            "retention_s": p.retention_s, "capture_unasked": p.capture_unasked,
                                            "inline_max_bytes": p.inline_max_bytes,
