@@ -60,10 +60,15 @@ class Session:
         self.names = [b.name for b in self.bindings]
         self.fallback_hooks = self._check_fallback(spec)
         self.edits = None  # interventions (dmi.interventions): planned with each step, booked after it
-        if spec.interventions:
+        # A served engine whose operator lets clients steer arms a value bank per steerable hook.
+        policy = getattr(adapter, "serve_policy", None)
+        banks = (policy.bank_hooks(self.names), policy.intervention_slots) \
+            if policy is not None and policy.allow_interventions else None
+        if spec.interventions or banks:
             from dmi.interventions.edits import Edits
 
-            self.edits = Edits(spec, adapter, self.names, _predicate, lambda k, m: self._warn_once(k, m))
+            self.edits = Edits(spec, adapter, self.names, _predicate, lambda k, m: self._warn_once(k, m),
+                               banks=banks)
         self.acct = Accounting()
         self.sink = sink
         name, config = adapter.describe()

@@ -16,10 +16,15 @@ KINDS = ("add", "set", "scale", "zero", "project_out", "patch")
 def edit(x: torch.Tensor, sel: torch.Tensor, kind: str, values: torch.Tensor, scale: float,
          head_mask: torch.Tensor | None) -> torch.Tensor:
     """x: [n, *row]; sel: int64 [n]; values: [v, *row] in x's dtype (add: already times its
-    scale; project_out: the unit direction); head_mask: bool [heads, 1] (zero on some heads)."""
+    scale; project_out: the unit direction); head_mask: bool [heads, 1] (zero on some heads).
+    "bank" (dmi.interventions.banks): values [2, slots, *row], an affine per slot, sel the slot;
+    one affine covers add, set, scale and zero, and a request's several such edits of one hook."""
     n = x.shape[0]
     on = (sel >= 0).view(n, *([1] * (x.dim() - 1)))
-    if kind == "add":
+    if kind == "bank":  # served requests' edits: values [2, slots, *row], row i takes x * A[sel] + B[sel]
+        at = sel.clamp(min=0)
+        y = x * values[0].index_select(0, at) + values[1].index_select(0, at)
+    elif kind == "add":
         y = x + values[0]
     elif kind == "set":
         y = values[0].expand_as(x)

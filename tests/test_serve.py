@@ -95,7 +95,10 @@ def test_vllm_engine_ids_map_to_prompt_and_choice():
 
 
 SERVED = Served(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_logits"],
-                {"blocks.0.hook_resid_post": 256, "blocks.1.hook_resid_post": 256, "hook_logits": 1280}, 2)
+                {"blocks.0.hook_resid_post": 256, "blocks.1.hook_resid_post": 256, "hook_logits": 1280}, 2,
+                shapes={"blocks.0.hook_resid_post": (64,), "blocks.1.hook_resid_post": (64,), "hook_logits": (320,)},
+                not_editable={"hook_logits": "its rows are not the step's token rows"})
+STEERABLE = SERVED.narrow(None).steer(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
 
 
 @pytest.mark.parametrize("given, field", [
@@ -124,13 +127,10 @@ def test_policy_bounds_hooks_and_interventions():
     with pytest.raises(rq.RequestError) as e:
         rq.check(rq.parse({"hooks": ["hook_logits"]}), p, served)
     assert e.value.field == "dmi.hooks"
-    ok = rq.check(rq.parse({"interventions": [{"hook": "blocks.1.hook_resid_post", "op": "scale"}]}), p, served)
-    assert ok.engine_info("u", "t", "completions", 1, 1)["interventions"][0]["op"] == "scale"
-    with pytest.raises(rq.RequestError) as e:
-        rq.check(rq.parse({"interventions": [{"hook": "blocks.1.hook_resid_post", "op": "melt"}]}), p, served)
-    assert e.value.field == "dmi.interventions.op"
     for bad, field in [({"retention": 3}, "dmi_serve.retention"), ({"max_request_bytes": 0}, "dmi_serve.max_request_bytes"),
-                       ("[", "dmi_serve")]:
+                       ("[", "dmi_serve"), ({"intervention_slots": 0}, "dmi_serve.intervention_slots"),
+                       ({"intervention_hooks": ["blocks.0.hook_resid_post"]}, "dmi_serve.intervention_hooks"),
+                       ({"allow_interventions": True, "intervention_hooks": []}, "dmi_serve.intervention_hooks")]:
         with pytest.raises(SpecError) as e:
             ServePolicy.parse(bad)
         assert e.value.field == field
@@ -139,12 +139,154 @@ def test_policy_bounds_hooks_and_interventions():
     assert e.value.field == "dmi_serve.hooks"
 
 
+def test_policy_intervention_hooks_lie_within_the_armed_spec():
+    armed = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "hook_logits"]
+    assert ServePolicy.parse({"allow_interventions": True}).bank_hooks(armed) == armed[:2]
+    assert ServePolicy.parse({}).bank_hooks(armed) == []
+    p = ServePolicy.parse({"allow_interventions": True, "intervention_hooks": ["blocks.1.*"]})
+    assert p.bank_hooks(armed) == ["blocks.1.hook_resid_post"]
+    for policy, names in [({"allow_interventions": True}, ["hook_logits"]),
+                          ({"allow_interventions": True, "intervention_hooks": ["blocks.0.hook_attn_out"]}, armed)]:
+        with pytest.raises(SpecError) as e:
+            ServePolicy.parse(policy).bank_hooks(names)
+        assert e.value.field == "dmi_serve.intervention_hooks"
+    with pytest.raises(SpecError) as e:  # logits rows are per request, not the step's token rows
+        SERVED.steer(["hook_logits"])
+    assert e.value.field == "dmi_serve.intervention_hooks"
+
+
+ADD = [0.5] * 64
+
+
+@pytest.mark.parametrize("iv, field", [
+    ({"hook": "blocks.1.hook_resid_post", "op": "melt"}, "dmi.interventions[0].op"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "replace", "value": ADD}, "dmi.interventions[0].op"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "project_out", "value": ADD}, "dmi.interventions[0].op"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "patch", "value": {"run": "/x.h5", "request": "a"}},
+     "dmi.interventions[0].op"),
+    ({"hook": "hook_logits", "op": "scale", "scale": 2.0}, "dmi.interventions[0].hook"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "add"}, "dmi.interventions[0].value"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "add", "value": [1.0] * 63}, "dmi.interventions[0].value"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "add", "value": [float("nan")] * 64}, "dmi.interventions[0].value"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "add", "value": "/etc/vec.npy"}, "dmi.interventions[0].value"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "add", "value": {"file": "/etc/v.npy"}}, "dmi.interventions[0].value"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "scale"}, "dmi.interventions[0].scale"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "scale", "scale": float("inf")}, "dmi.interventions[0].scale"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "zero", "heads": [0]}, "dmi.interventions[0].heads"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "zero", "requests": {"ids": ["other"]}},
+     "dmi.interventions[0].requests"),
+    ({"hook": "blocks.1.hook_resid_post", "op": "zero", "tokens": "sometimes"}, "dmi.interventions[0].tokens.mode"),
+])
+def test_bad_interventions_name_the_field(iv, field):
+    p = ServePolicy.parse({"allow_interventions": True})
+    with pytest.raises(rq.RequestError) as e:
+        rq.check(rq.parse({"interventions": [iv]}), p, STEERABLE)
+    assert e.value.field == field and e.value.status == 400, e.value
+
+
+def test_interventions_are_checked_and_sent_to_the_engine():
+    p = ServePolicy.parse({"allow_interventions": True})
+    ivs = [{"hook": "blocks.1.hook_resid_post", "op": "add", "value": ADD, "scale": 2, "tokens": "decode"},
+           {"hook": "blocks.1.hook_resid_post", "op": "scale", "scale": 0.5, "tokens": "decode"},
+           {"hook": "blocks.0.hook_resid_post", "op": "zero"}]
+    sent = rq.check(rq.parse({"interventions": ivs}), p, STEERABLE).engine_info("u", "t", "completions", 1, 1)
+    assert [x["op"] for x in sent["interventions"]] == ["add", "scale", "zero"]
+    assert sent["interventions"][0]["tokens"]["mode"] == "decode" and sent["interventions"][2]["tokens"] is None
+    # one hook's edits compose into one affine per row: they share one tokens filter
+    with pytest.raises(rq.RequestError) as e:
+        rq.check(rq.parse({"interventions": [ivs[0], {**ivs[1], "tokens": "all"}]}), p, STEERABLE)
+    assert e.value.field == "dmi.interventions[1].tokens"
+    with pytest.raises(rq.RequestError) as e:  # forbidden by policy
+        rq.check(rq.parse({"interventions": ivs}), ServePolicy(), STEERABLE)
+    assert e.value.field == "dmi.interventions"
+
+
+def test_intervention_report_reads_the_books():
+    from dmi.serve.steer import report
+
+    U, V = "0123456789abcdef", "fedcba9876543210"
+
+    ivs = [{"hook": "blocks.1.hook_resid_post", "op": "add"}, {"hook": "blocks.0.hook_resid_post", "op": "zero"}]
+    books = {"served@blocks.1.hook_resid_post": {"requests": {f"{U}.0.0": [[0, 5]], f"{V}.0.0": [[0, 9]]},
+                                                   "failed": {"prefix_cache": {f"{U}.0.1": [[0, 3]]}}},
+             "served@blocks.0.hook_resid_post": {"requests": {}, "failed": {}}}
+    got = report(books, U, ivs)
+    # choice 1 took prompt positions 0..2 from its sibling's cache, which edited them: shared, not missed
+    assert got[0]["rows"] == 5 and got[0]["parts"] == [
+        {"prompt": 0, "choice": 0, "positions": [[0, 5]]},
+        {"prompt": 0, "choice": 1, "positions": [], "shared_prompt_positions": [[0, 3]]}]
+    assert got[0]["not_applied"] == [] and got[0]["applied"] is True
+    assert got[1]["applied"] is False and "tokens" in got[1]["why"]
+    books[f"served@{ivs[0]['hook']}"]["failed"] = {"prefix_cache": {f"{U}.1.0": [[0, 2]]}, "no_slot": {f"{U}.0.0": [[5, 6]]}}
+    got = report(books, U, ivs)
+    assert got[0]["applied"] is False and sorted(x["reason"] for x in got[0]["not_applied"]) == ["no_slot",
+                                                                                              "prefix_cache"]
+    assert report(books, V, ivs[:1])[0]["applied"] is True
+    assert report({}, U, ivs[:1])[0]["applied"] is False
+
+
+def test_banks_edit_only_their_requests_rows():
+    """The engine side without an engine: two steering requests and a plain one in one step;
+    each steered row equals the plain statement of its edits, every other row is x itself."""
+    from types import SimpleNamespace
+
+    from dmi.interventions.banks import Banks
+    from dmi.kernels.edit_op import apply_points, reference
+    from dmi.plan.edits import EditTable
+
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    bindings = [SimpleNamespace(name=h, row_shape=(8,), dtype=torch.float32) for h in hooks]
+    banks = Banks(bindings, 2, "cpu", 0, 0)
+    table = RequestTable(hooks, banks)
+    v = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    a = [{"hook": hooks[1], "op": "add", "value": v.tolist(), "scale": None, "heads": None,
+          "tokens": {"mode": "all", "positions": [[2, 4]], "every": 1}}]
+    b = [{"hook": hooks[1], "op": "scale", "scale": -2.0, "value": None, "heads": None, "tokens": None},
+         {"hook": hooks[0], "op": "zero", "value": None, "scale": None, "heads": None, "tokens": None}]
+    for name, ivs in (("ua.0.0", a), ("ub.0.0", b), ("uc.0.0", None)):
+        table.add(name, {"uid": name[:2], "hooks": None, "interventions": ivs})
+    rows = RowTable(batch=1, tokens=15, request_ids=["ua.0.0", "ub.0.0", "uc.0.0"],
+                    request=np.repeat(np.arange(3, dtype=np.int32), 5), position=np.tile(np.arange(5), 3),
+                    phase=np.zeros(15, np.int8))
+    edit = EditTable(2, "cpu", 32)
+    edit.host[:] = -1
+    applied = banks.plan(0, rows, edit.host)
+    assert applied[0].tolist() == list(range(5, 10)) and applied[1].tolist() == [2, 3] + list(range(5, 10))
+    x = torch.randn(15, 8)
+    pts = [SimpleNamespace(slot=j, kind="bank", values=banks.values[j], scale=1.0, head_mask=None) for j in range(2)]
+    y0 = apply_points(x, pts[:1], edit.sel)
+    y1 = apply_points(x, pts[1:], edit.sel)
+    assert torch.equal(y1[2:4], reference(x[2:4], "add", v, None, None)) and torch.equal(y1[[0, 1, 4]], x[[0, 1, 4]])
+    assert torch.equal(y1[5:10], reference(x[5:10], "scale", None, -2.0, None))
+    assert torch.equal(y0[5:10], torch.zeros(5, 8)) and torch.equal(y0[:5], x[:5])
+    assert torch.equal(y0[10:], x[10:]) and torch.equal(y1[10:], x[10:])  # the plain request: bit-identical
+    # a third steering request while both slots are held by requests of this step: booked, never run
+    table.add("ud.0.0", {"uid": "ud", "hooks": None, "interventions": a})
+    from dmi.interventions.books import Books
+
+    banks.books = Books([{"name": f"served@{h}", "hook": h, "op": "served", "hooks": [h], "capture": "after"}
+                         for h in hooks])
+    rows4 = RowTable(batch=1, tokens=4, request_ids=["ua.0.0", "ub.0.0", "ud.0.0"],
+                     request=np.array([0, 1, 2, 2], np.int32), position=np.array([2, 0, 2, 3]),
+                     phase=np.zeros(4, np.int8))
+    edit.host[:] = -1
+    banks.plan(1, rows4, edit.host)
+    assert edit.host[2:4, 1].tolist() == [-1, -1]
+    assert banks.books.snapshot()[f"served@{hooks[1]}"]["failed"] == {"no_slot": {"ud.0.0": [[2, 4]]}}
+    # once a request ends its slot is free for the next
+    table.forget("ua.0.0")
+    edit.host[:] = -1
+    banks.plan(2, RowTable(batch=1, tokens=1, request_ids=["ud.0.0"], request=np.zeros(1, np.int32),
+                           position=np.array([3]), phase=np.ones(1, np.int8)), edit.host)
+    assert edit.host[0, 1] == banks.slot_of["ud"]
+
+
 # -- the ASGI front end against a stub engine app ------------------------------------------------
 
-def _front(policy):
+def _front(policy, served=SERVED):
     from dmi.serve.asgi import DmiMiddleware, Front
 
-    front = Front("vllm", {}, ServePolicy.parse(policy), SERVED, None, 64)
+    front = Front("vllm", {}, ServePolicy.parse(policy), served, None, 64)
     seen = []
 
     async def app(scope, receive, send):
@@ -215,6 +357,29 @@ def test_tenant_quota_is_429_and_frees_on_delete():
     assert st == 429 and err["error"]["param"] == "dmi"
     _call(mw, "DELETE", f"/v1/dmi/requests/{docs[0]['dmi']['id']}", token=docs[0]["dmi"]["token"])
     assert _call(mw, "POST", "/v1/completions", body)[0] == 200
+
+
+def test_steering_requests_are_bounded_by_slots_and_keep_their_own_cache():
+    mw, front, seen = _front({"allow_interventions": True, "intervention_slots": 1}, STEERABLE)
+    body = {"prompt": [1, 2], "max_tokens": 1, "cache_salt": "mine",
+            "dmi": {"interventions": [{"hook": "blocks.0.hook_resid_post", "op": "scale", "scale": 2.0}]}}
+    st, _, doc = _call(mw, "POST", "/v1/completions", body)
+    sent = json.loads(seen[-1]["vllm_xargs"]["dmi"])
+    assert st == 200 and sent["interventions"][0]["scale"] == 2.0
+    # its prefix cache is its own (no other request reuses its edited rows), the client's salt kept apart
+    assert seen[-1]["cache_salt"].startswith(f"dmi-steer-{doc['dmi']['id']}-") and len(seen[-1]["cache_salt"]) <= 128
+    # never a silent false: without books to read, the response says it could not read them
+    assert doc["dmi"]["interventions"][0]["applied"] is None and "books" in doc["dmi"]["interventions"][0]["why"]
+    # one slot: a second steering request while the first runs is 429, naming the limit
+    front.entries[doc["dmi"]["id"]].done = False
+    st, _, err = _call(mw, "POST", "/v1/completions", body)
+    assert st == 429 and err["error"]["param"] == "dmi.interventions" and "1" in err["error"]["message"]
+    assert _call(mw, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 1})[0] == 200  # others still served
+    front.entries[doc["dmi"]["id"]].done = True
+    assert _call(mw, "POST", "/v1/completions", body)[0] == 200
+    st, _, pol = _call(mw, "GET", "/v1/dmi/policy")
+    assert pol["intervention_hooks"] == {"blocks.0.hook_resid_post": [64], "blocks.1.hook_resid_post": [64]}
+    assert pol["intervention_slots"] == 1
 
 
 def test_sglang_requests_are_named_apart_and_by_arrival():

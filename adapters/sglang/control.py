@@ -160,6 +160,10 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
     _new_run(scheduler)
     adapter = SGLangWorkerAdapter(runner, table, model_path=str(getattr(runner.model_config, "model_path", "")),
                                   in_flight=in_flight(scheduler), tp=(tp_size, rank))
+    if at_start and os.environ.get("DMI_SERVE"):  # a served engine: the operator's policy says who may steer
+        from dmi.serve.policy import ServePolicy
+
+        adapter.serve_policy = ServePolicy.parse(os.environ["DMI_SERVE"])
     session = Session(runner, adapter, spec, plugins.sink_for(rank_sink(spec.sink, rank, tp_size)))
     from dmi.serve.engine import ServeChannel, run_path
 

@@ -97,7 +97,7 @@ class SGLangWorkerAdapter(Adapter):
             raise
         from dmi.serve.engine import RequestTable
 
-        self.requests = RequestTable(session.names)
+        self.requests = RequestTable(session.names, session.edits.banks if session.edits is not None else None)
         session.planner.enable_request_masks(self.requests.masks)
         self.session = session  # last: the step hook only acts once every capture point is in place
 

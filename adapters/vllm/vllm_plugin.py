@@ -141,7 +141,7 @@ def _after_load(original, worker, *args, **kwargs):
     if spec is not None:
         from . import worker as w
 
-        w.open_session(worker, json.dumps(spec) if not isinstance(spec, str) else spec)
+        w.open_session(worker, json.dumps(spec) if not isinstance(spec, str) else spec, served=True)
         _until_started(worker, w._SESSIONS[id(worker)])
         log.info("dmi: armed at construction; capturing into %s", spec.get("sink") if isinstance(spec, dict) else spec)
     return result

@@ -105,7 +105,7 @@ class WorkerAdapter(Adapter):
         from dmi.serve.engine import RequestTable
 
         self.session = session
-        self.requests = RequestTable(session.names)
+        self.requests = RequestTable(session.names, session.edits.banks if session.edits is not None else None)
         session.planner.enable_request_masks(self.requests.masks)
         self.book.started = {self._name(r) for r in self.runner.input_batch.req_ids}
         # The plan's tensors, held here for the graph: a compiled graph keeps the capture points
@@ -318,7 +318,7 @@ def tp_rank_of(worker) -> tuple[int, int]:
     return size, get_tensor_model_parallel_rank()
 
 
-def open_session(worker, spec_json: str, family: str | None = None) -> str:
+def open_session(worker, spec_json: str, family: str | None = None, served: bool = False) -> str:
     from dmi import plugins
     from dmi.errors import SessionStateError
     from dmi.spec import CaptureSpec
@@ -327,6 +327,12 @@ def open_session(worker, spec_json: str, family: str | None = None) -> str:
         raise SessionStateError("this vLLM worker already has an open dmi session")
     spec = CaptureSpec.parse(json.loads(spec_json))
     adapter = WorkerAdapter(worker, family)
+    if served:  # armed at construction for the API server: the operator's policy says who may steer
+        from dmi.serve.policy import ServePolicy
+
+        from .vllm_plugin import served_config
+
+        adapter.serve_policy = ServePolicy.parse(served_config(worker.vllm_config.additional_config)[1])
     tp_size, rank = tp_rank_of(worker)
     sink = plugins.sink_for(rank_sink(spec.sink, rank, tp_size))
     session = WorkerSession(worker.model_runner, adapter, spec, sink)

@@ -56,9 +56,10 @@ class _Filter:
 
 class Edits:
     def __init__(self, spec, adapter, captured: list[str], predicate: Callable[[str | None], Any],
-                 warn: Callable[[str, str], None], device=None):
+                 warn: Callable[[str, str], None], device=None, banks: tuple[list[str], int] | None = None):
         """device: where the values and the table live (default the adapter's; a front end that
-        only validates passes "cpu")."""
+        only validates passes "cpu"). banks: (hooks, slots) served clients may steer
+        (dmi.interventions.banks), from the operator's policy."""
         device = adapter.device if device is None else torch.device(device)
         if not getattr(adapter, "supports_interventions", False):
             raise SpecError("interventions", f"the {adapter.engine_name} adapter cannot apply interventions yet "
@@ -69,7 +70,7 @@ class Edits:
         self.hooks: dict[str, HookEdits] = {}
         filters, sources, slots, entries = [], [], [], []
         n = 0
-        for k, iv in enumerate(spec.interventions):
+        for k, iv in enumerate(spec.interventions or []):
             f = f"interventions[{k}]"
             try:
                 found = adapter.bind([iv.hook])
@@ -108,13 +109,42 @@ class Edits:
         dup = sorted({x for x in names if names.count(x) > 1})
         if dup:
             raise SpecError("interventions", f"two interventions are named {dup[0]!r}; names must be unique")
+        self.banks = self._banks(adapter, banks, captured, n, len(entries), device, entries) if banks else None
         self.points = [p for he in self.hooks.values() for p in he.points]
         # an engine whose compiled graph holds the table for its lifetime sizes it once (vLLM)
         self.planner = EditPlanner(filters, sources, slots, device,
                                    max(ROW_CAPACITY, getattr(adapter, "edit_rows", 0) or 0),
-                                   getattr(adapter, "edit_table_grows", True))
+                                   getattr(adapter, "edit_table_grows", True),
+                                   extra=len(self.banks.names) if self.banks is not None else 0)
         self.books = Books(entries)
+        if self.banks is not None:
+            self.banks.books = self.books
         self._step: tuple[RowTable, list[np.ndarray]] | None = None
+
+    def _banks(self, adapter, banks, captured, col, k, device, entries):
+        """One bank point per hook served clients may steer, after the spec's points there."""
+        from .banks import Banks
+
+        hooks, slots = banks
+        field = "dmi_serve.intervention_hooks"
+        try:
+            found = adapter.bind(hooks)
+        except SpecError as e:
+            raise SpecError(field, str(e).split(": ", 1)[-1]) from None
+        for b in found:
+            why = _not_editable(adapter, b)
+            if why:
+                raise SpecError(field, f"{b.name} cannot be edited: {why}")
+        bank = Banks(found, slots, device, col, k)
+        for j, b in enumerate(found):
+            he = self.hooks.get(b.name)
+            if he is None:
+                he = self.hooks[b.name] = HookEdits(b.name, b, captured.index(b.name) if b.name in captured else None,
+                                                    False)
+            he.points.append(EditPoint(k + j, col + j, "bank", bank.values[j], 1.0, None))
+            entries.append({"name": f"served@{b.name}", "hook": b.name, "op": "served", "hooks": [b.name],
+                            "capture": "before" if he.before else "after"})
+        return bank
 
     @property
     def sel(self) -> torch.Tensor:
@@ -123,7 +153,7 @@ class Edits:
 
     # -- per step, outside the forward ---------------------------------------------------
     def begin(self, step: int, rows: RowTable) -> None:
-        applied = self.planner.plan(step, rows)
+        applied = self.planner.plan(step, rows, self.banks.plan if self.banks is not None else None)
         for p in self.points:
             p.fired = False
         self._step = (rows, applied)
@@ -159,6 +189,8 @@ class Edits:
                                              f"were not computed ({reason}), so not edited; they are booked as "
                                              f"failed ({reason}). Disable the prefix cache to steer them")
                 self.books.record(k, rows.request_ids, rows.request[on], rows.position[on], reason)
+        if self.banks is not None:
+            self.banks.skipped(rows, reason)
 
     def stats(self) -> dict:
         return self.books.snapshot()

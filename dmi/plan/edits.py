@@ -67,11 +67,12 @@ class EditPlanner:
     """Made at attach from the interventions' row filters and value positions."""
 
     def __init__(self, filters: list, sources: list[np.ndarray | None], slots: list[list[int]], device,
-                 capacity: int = ROW_CAPACITY, grows: bool = True):
+                 capacity: int = ROW_CAPACITY, grows: bool = True, extra: int = 0):
+        """extra: columns after the interventions' that a `more` planner fills (served banks)."""
         self.filters = filters      # per intervention: RowFilter (its requests and tokens)
         self.sources = sources      # per intervention: stored positions (patch), sorted, or None
         self.slots = slots          # per intervention: its edit points' rows in the table
-        self.table = EditTable(sum(len(s) for s in slots), device, capacity, grows)
+        self.table = EditTable(sum(len(s) for s in slots) + extra, device, capacity, grows)
         self._cols = [np.asarray(s, dtype=np.int64) for s in slots]
 
     def rows_of(self, step: int, rows: RowTable) -> list[np.ndarray]:
@@ -85,8 +86,9 @@ class EditPlanner:
             out.append(on)
         return out
 
-    def plan(self, step: int, rows: RowTable) -> list[np.ndarray]:
-        """Fill the table for this step's token rows; returns, per intervention, the rows it edits."""
+    def plan(self, step: int, rows: RowTable, more=None) -> list[np.ndarray]:
+        """Fill the table for this step's token rows; returns, per intervention, the rows it edits
+        (then what `more(step, rows, host)` returns: it fills the extra columns)."""
         n = rows.n_rows
         t = self.table
         if not t.fits(n):
@@ -101,6 +103,8 @@ class EditPlanner:
                 host[on[:, None], cols] = 0
             else:  # each patched row takes the stored row at its position
                 host[on[:, None], cols] = np.searchsorted(src, rows.position[on])[:, None]
+        if more is not None:
+            applied = applied + more(step, rows, host)
         t.send(max(t.used, n))
         t.used = n
         return applied

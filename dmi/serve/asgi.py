@@ -52,7 +52,7 @@ class Entry:
     inline_hooks: list[str]
     inline_positions: object
     est_bytes: int
-    interventions: bool
+    interventions: list | None        # as checked (dmi/serve/steer.py); None: none asked
     created: float = field(default_factory=time.time)
     response_id: str | None = None
     done: bool = False
@@ -83,7 +83,13 @@ class Front:
         sink = CaptureSpec.parse(spec).sink
         if isinstance(sink, dict) and sink.get("kind") == "hdf5" and "path" in sink:
             sink = sink["path"]
-        return cls(engine, spec, policy, served.narrow(policy.hooks), run_path(sink), int(max_len or 1 << 20))
+        served = served.narrow(policy.hooks).steer(policy.bank_hooks(served.names))
+        if policy.allow_interventions and run_path(sink) is None:
+            from dmi.errors import SpecError
+
+            raise SpecError("dmi_serve.allow_interventions", "the armed spec's sink is not a file, so a response "
+                                                             "could not say what its interventions did: give a file sink")
+        return cls(engine, spec, policy, served, run_path(sink), int(max_len or 1 << 20))
 
     # -- bookkeeping -----------------------------------------------------------------------
     def tenant_of(self, headers: dict) -> str | None:
@@ -98,6 +104,10 @@ class Front:
         cutoff = time.time() - self.policy.retention_s
         for uid in [u for u, e in self.entries.items() if e.created < cutoff]:
             self.forget(uid)
+
+    def steering(self) -> int:
+        """Requests with interventions admitted and not yet ended (each holds an engine slot)."""
+        return sum(1 for e in self.entries.values() if e.interventions and not e.done)
 
     def forget(self, uid: str) -> None:
         e = self.entries.pop(uid, None)
@@ -165,6 +175,8 @@ class DmiMiddleware:
             return await _json(send, e.status, {"error": {"message": str(e), "type": "BadRequestError",
                                                           "param": e.field, "code": e.status}})
         _inject(f.engine, kind, body, json.dumps(info))
+        if entry.interventions:
+            _salt(body, entry.uid)
         new = json.dumps(body).encode()
         f.entries[entry.uid] = entry
         f.tenant_bytes[tenant] = f.tenant_bytes.get(tenant, 0) + entry.est_bytes
@@ -243,11 +255,15 @@ class DmiMiddleware:
                                                     f"{rows * f.served.bytes_of(checked.inline_hooks)} bytes, over "
                                                     f"the server's inline limit {p.inline_max_bytes}; ask for "
                                                     f"positions 'last' or a list, or fetch /v1/dmi/requests/<id>/rows")
+        if checked.interventions and f.steering() >= p.intervention_slots:
+            raise rq.RequestError("dmi.interventions", f"the server steers at most {p.intervention_slots} requests at "
+                                                       f"once (operator policy intervention_slots), and that many "
+                                                       f"are running; retry when one ends", 429)
         if checked.inline_hooks and f.run_path is None:
             raise rq.RequestError("dmi.inline", "this server's sink is not a file; results cannot be read back")
         uid = ids.new_uid()
         entry = Entry(uid, tenant, secrets.token_urlsafe(24), kind, n, prompts, checked.hooks, checked.inline_hooks,
-                      inline_pos, est, bool(spec is not None and spec.interventions))
+                      inline_pos, est, checked.interventions)
         return entry, checked.engine_info(uid, tenant, kind, n, prompts)
 
     def _bind(self, entry: Entry, response_id: str) -> None:
@@ -269,8 +285,13 @@ class DmiMiddleware:
         info = {"id": entry.uid, "token": entry.token, "tenant": entry.tenant, "response_id": entry.response_id,
                 "url": f"/v1/dmi/requests/{entry.uid}", "hooks": entry.hooks}
         if entry.interventions:
-            info["interventions"] = {"applied": False, "why": "this dmi build passes interventions to the engine "
-                                                              "but does not apply them yet"}
+            try:
+                info["interventions"] = await self._steered(entry)
+            except Exception as e:  # the engine applied what it applied; say that it could not be read back
+                log.error("dmi: interventions report of %s failed: %s", entry.uid, e)
+                info["interventions"] = [{"index": k, "hook": iv["hook"], "op": iv["op"], "applied": None,
+                                          "why": f"the run's books could not be read: {type(e).__name__}: {e}; "
+                                                 f"see {info['url']}"} for k, iv in enumerate(entry.interventions)]
         if entry.inline_hooks:
             try:
                 parts = await self._read(entry)
@@ -298,6 +319,25 @@ class DmiMiddleware:
             raise TimeoutError(f"the engine did not commit this request's rows within {f.policy.flush_timeout_s} s")
         return await asyncio.to_thread(results.read, f.run_path, entry.uid, entry.hooks)
 
+    async def _steered(self, entry: Entry) -> list[dict]:
+        """What the engine applied of the request's interventions, from the committed books."""
+        import dmi
+
+        from . import steer
+
+        f = self.front
+        if f.run_path is None:
+            raise RuntimeError("this server's sink is not a file")
+        ok = await asyncio.to_thread(results.flush, f.run_path, f.policy.flush_timeout_s)
+        if not ok:
+            raise TimeoutError(f"the engine did not commit within {f.policy.flush_timeout_s} s")
+
+        def books():
+            with dmi.open(f.run_path) as run:
+                return run.interventions
+
+        return steer.report(await asyncio.to_thread(books), entry.uid, entry.interventions)
+
     # -- /v1/dmi -------------------------------------------------------------------------------
     async def _route(self, scope, receive, send):
         f = self.front
@@ -310,6 +350,9 @@ class DmiMiddleware:
             return await _json(send, 200, {"hooks": f.served.allowed, "max_request_bytes": p.max_request_bytes,
                                            "max_tenant_bytes": p.max_tenant_bytes,
                                            "allow_interventions": p.allow_interventions,
+                                           "intervention_hooks": {h: list(f.served.shapes[h])
+                                                                  for h in f.served.steerable},
+                                           "intervention_slots": p.intervention_slots,
                                            "retention_s": p.retention_s, "capture_unasked": p.capture_unasked,
                                            "inline_max_bytes": p.inline_max_bytes,
                                            "tenants": bool(p.tenants)})
@@ -340,6 +383,11 @@ class DmiMiddleware:
                             "prompts": e.prompts, "hooks": e.hooks, "finished": e.done,
                             "complete": e.done and all(p.complete for p in got) and bool(got),
                             "parts": [p.describe() for p in got]})
+                if e.interventions:
+                    try:
+                        out[-1]["interventions"] = await self._steered(e)
+                    except Exception as err:
+                        out[-1]["interventions_error"] = f"{type(err).__name__}: {err}"
             return await _json(send, 200, {"requests": out})
         if parts[2] != "rows":
             return await _json(send, 404, {"error": {"message": f"no dmi route {scope['path']}", "code": 404}})
@@ -463,6 +511,16 @@ def _inject(engine: str, kind: str, body: dict, info: str) -> None:
             d["custom_params"] = {**(d.get("custom_params") or {}), "dmi": info}
     else:
         body["custom_params"] = {**(body.get("custom_params") or {}), "dmi": info}
+
+
+def _salt(body: dict, uid: str) -> None:
+    """A steered request's KV cache is its own: no other request reuses its edited prefix, and
+    it reuses no unedited one (both engines key their prefix caches by cache_salt)."""
+    import hashlib
+
+    own = body.get("cache_salt")
+    tag = hashlib.sha256(own.encode()).hexdigest()[:16] if isinstance(own, str) and own else ""
+    body["cache_salt"] = f"dmi-steer-{uid}" + (f"-{tag}" if tag else "")
 
 
 def _shape(kind: str, body: dict) -> tuple[int, int, list[int | None], int | None]:

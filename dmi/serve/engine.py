@@ -6,6 +6,10 @@ SGLang `custom_params`): {"uid", "tenant", "kind", "n", "prompts", "hooks", "tok
 "interventions"}. `hooks` are canonical names within the armed spec (None: all of them),
 `tokens` a TokenFilter (None: the armed spec's alone).
 
+A request's `interventions` (checked by dmi/serve/steer.py) reach the session's banks
+(dmi/interventions/banks.py), which look each step's rows up here; a steering request's slot
+is released when the last of its names is forgotten.
+
 `RequestTable.masks(group, table)` turns the step's requests into a bool [hooks, rows] mask
 for the planner (Planner.enable_request_masks): a row is kept for a hook when the armed spec
 keeps it (the planner's own filters) AND its request selected that hook and its tokens keep
@@ -62,6 +66,7 @@ class Served:
     token_key: str | None         # identity of `tokens`, to mask requests sharing a filter at once
     interventions: list | None = None
     tenant: str | None = None
+    uid: str | None = None
 
 
 class RequestTable:
@@ -70,10 +75,16 @@ class RequestTable:
 
     LIMIT = 1 << 16
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], banks=None):
+        """banks: the session's dmi.interventions.banks.Banks when clients may steer; they look
+        each row's request up here, and a request's slot is freed when its last name is."""
         self.names = names
         self.index = {n: i for i, n in enumerate(names)}
         self.by_name: dict[str, Served] = {}
+        self.banks = banks
+        self._names_of: dict[str, int] = {}  # uid -> its names held here (steering requests only)
+        if banks is not None:
+            banks.lookup = self.by_name.get
 
     def add(self, name: str, info: dict | None) -> None:
         if info is None or name in self.by_name:
@@ -97,11 +108,20 @@ class RequestTable:
             mask = TokenMask(TokenFilter.model_validate(tokens))
             key = json.dumps(tokens, sort_keys=True)
         if len(self.by_name) >= self.LIMIT:
-            self.by_name.pop(next(iter(self.by_name)))
-        self.by_name[name] = Served(vec, mask, key, info.get("interventions"), info.get("tenant"))
+            self.forget(next(iter(self.by_name)))
+        s = self.by_name[name] = Served(vec, mask, key, info.get("interventions"), info.get("tenant"),
+                                        str(info["uid"]) if info.get("uid") is not None else None)
+        if s.interventions and s.uid:
+            self._names_of[s.uid] = self._names_of.get(s.uid, 0) + 1
 
     def forget(self, name: str) -> None:
-        self.by_name.pop(name, None)
+        s = self.by_name.pop(name, None)
+        if s is not None and s.interventions and s.uid and s.uid in self._names_of:
+            self._names_of[s.uid] -= 1
+            if self._names_of[s.uid] <= 0:
+                del self._names_of[s.uid]
+                if self.banks is not None:
+                    self.banks.release(s.uid)
 
     def masks(self, group: str, table: RowTable) -> np.ndarray | None:
         """bool [hooks, rows]: which rows each hook keeps by its requests' choices; None when

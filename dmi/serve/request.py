@@ -5,7 +5,7 @@ what the engine side receives (dmi/serve/engine.py).
       "hooks": ["blocks.*.hook_resid_post"],      # within the policy's hooks; default: all of them
       "tokens": "last" | {"mode": ..., "positions": [[a, b]], "every": k},   # default: all rows
       "inline": true | {"hooks": [...], "positions": "last" | "all" | [p, ...]},
-      "interventions": [...]                      # only where the policy allows them
+      "interventions": [...]                      # only where the policy allows them (steer.py)
     }
 
 Anything malformed or outside the policy raises RequestError: HTTP 400 (429 for a tenant
@@ -97,14 +97,13 @@ def parse(obj: Any) -> RequestSpec:
         raise RequestError(f"dmi.{loc}" if loc else "dmi", msg) from None
 
 
-INTERVENTION_OPS = ("add", "scale", "zero", "replace")
-
-
 class Checked:
     """A request's spec after the policy: what the engine gets, and what it may cost."""
 
-    def __init__(self, spec: RequestSpec | None, hooks: list[str], row_bytes: int, inline_hooks: list[str]):
+    def __init__(self, spec: RequestSpec | None, hooks: list[str], row_bytes: int, inline_hooks: list[str],
+                 interventions: list[dict] | None = None):
         self.spec = spec
+        self.interventions = interventions  # checked (dmi/serve/steer.py); the engine applies them
         self.hooks = hooks              # canonical names the request's rows are captured for
         self.row_bytes = row_bytes      # bytes of one token row over those hooks
         self.inline_hooks = inline_hooks
@@ -113,7 +112,7 @@ class Checked:
         s = self.spec
         return {"uid": uid, "tenant": tenant, "kind": kind, "n": n, "prompts": prompts, "hooks": self.hooks,
                 "tokens": s.tokens.model_dump() if s is not None and s.tokens is not None else None,
-                "interventions": s.interventions if s is not None else None}
+                "interventions": self.interventions}
 
 
 def check(spec: RequestSpec | None, policy, served) -> Checked:
@@ -141,18 +140,15 @@ def check(spec: RequestSpec | None, policy, served) -> Checked:
             outside = [h for h in inline_hooks if h not in hooks]
             if outside:
                 raise RequestError("dmi.inline.hooks", f"{outside[0]!r} is not among the request's hooks")
+    interventions = None
     if spec.interventions is not None:
         if not policy.allow_interventions:
             raise RequestError("dmi.interventions", "this server does not allow clients to intervene "
                                                     "(operator policy allow_interventions is false)")
-        for iv in spec.interventions:
-            hook = iv.get("hook")
-            if hook not in served.allowed:
-                raise RequestError("dmi.interventions.hook", f"{hook!r} is not a hook this server offers; "
-                                                             f"offered: {', '.join(served.allowed[:4])}, ...")
-            if iv.get("op") not in INTERVENTION_OPS:
-                raise RequestError("dmi.interventions.op", f"{iv.get('op')!r}; valid: {', '.join(INTERVENTION_OPS)}")
-    return Checked(spec, hooks, served.bytes_of(hooks), inline_hooks)
+        from . import steer
+
+        interventions = steer.check(spec.interventions, served)
+    return Checked(spec, hooks, served.bytes_of(hooks), inline_hooks, interventions)
 
 
 def estimate_rows(prompt_lens: list[int | None], max_tokens: int | None, n: int, max_len: int) -> int:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -34,17 +35,25 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.bool: "BOOL"}
 
 
+_FLUSH_LOCK = threading.Lock()
+_LAST_SEQ = [0]
+
+
 def flush(run_path: str, timeout: float) -> bool:
     """Ask the engine to commit everything it captured so far; True once every
     tensor-parallel rank has (a rank's rows complete the others': split heads, partial sums)."""
     from .engine import ack_path
 
-    seq = time.time_ns()
     req = f"{run_path}.dmi-flush"
-    tmp = f"{req}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(str(seq))
-    os.replace(tmp, req)
+    # Responses flush from several threads at once: one at a time, so the numbers the file
+    # holds only grow (a smaller one written last would leave a larger one's wait unanswered)
+    # and no two share a temporary file.
+    with _FLUSH_LOCK:
+        seq = _LAST_SEQ[0] = max(time.time_ns(), _LAST_SEQ[0] + 1)
+        tmp = f"{req}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(str(seq))
+        os.replace(tmp, req)
     # The ranks' files exist from the session's start, before any request could be read.
     ranks = [0] + sorted(int(m.group(1)) for m in (re.search(r"\.rank(\d+)$", p) for p in glob.glob(
         glob.escape(run_path) + ".rank*")) if m)

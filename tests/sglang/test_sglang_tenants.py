@@ -2,8 +2,10 @@
 two tenants with different per-request specs (issue 16): each tenant's rows, fetched from
 /v1/dmi by the id its response carries, equal the HF oracle at exactly the positions its
 spec keeps; neither reads the other's; a rid sent again never merges two requests; n > 1
-maps to (prompt, choice) rows, the shared prompt filled from the request's own prefill; an
-out-of-policy spec gets a 400 naming the field and the server keeps serving."""
+maps to (prompt, choice) rows, the shared prompt filled from the request's own prefill;
+steered requests of both tenants and unsteered ones in the same batches each equal the HF
+oracle with the same edit (tests/steer_served.py); an out-of-policy spec gets a 400 naming
+the field and the server keeps serving."""
 from __future__ import annotations
 
 import json
@@ -23,7 +25,8 @@ from dmi.client import Client, DmiHTTPError
 pytestmark = pytest.mark.sglang
 
 HOOKS = ["blocks.*.hook_resid_post", "hook_logits"]
-POLICY = {"tenants": {"key-a": "alice", "key-b": "bob"}, "capture_unasked": False, "max_request_bytes": 200_000}
+POLICY = {"tenants": {"key-a": "alice", "key-b": "bob"}, "capture_unasked": False, "max_request_bytes": 200_000,
+          "allow_interventions": True, "intervention_slots": 4}
 ALICE = {"hooks": ["blocks.0.hook_resid_post"]}
 BOB = {"hooks": ["blocks.1.hook_resid_post", "hook_logits"], "tokens": "decode"}
 SAMPLING = {"temperature": 0, "ignore_eos": True}
@@ -98,8 +101,23 @@ def test_two_tenants_one_server(sgl_tiny, hf_model, tmp_path):
             assert rows["__dmi__"]["complete"], json.dumps(rows["__dmi__"])
             assert_rows_match(rows, hf, _fed(prompts[p], out), _want({**BOB, "tokens": "all"}, prompts[p], out))
 
-        bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"),
-               ({"interventions": [{"hook": "blocks.0.hook_resid_post", "op": "add"}]}, "dmi.interventions"),
+        import steer_served
+
+        def steer(who, prompt, spec):
+            r = who.generate(input_ids=prompt, sampling_params={"max_new_tokens": steer_served.NEW, **SAMPLING},
+                             dmi=spec)
+            return r["output_ids"], r
+
+        steer_served.run(steer, hf, {"alice": alice, "bob": bob})
+
+        def steer_n2(who, prompt, spec):
+            r = who.generate(input_ids=prompt, sampling_params={"max_new_tokens": steer_served.NEW, "n": 2,
+                                                                **SAMPLING}, dmi=spec)
+            return [(out["output_ids"], out) for out in r]
+
+        steer_served.run_n2(steer_n2, hf, alice)
+
+        bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"), *steer_served.BAD,
                ({"sink": "/tmp/mine.h5"}, "dmi.sink"),
                ({"tokens": "sometimes"}, "dmi.tokens.mode")]
         for spec, field in bad:

@@ -16,7 +16,7 @@ import dmi
 
 pytestmark = pytest.mark.vllm
 
-from edit_oracle import DOWN, NEW, REQUESTS, STEERED, check, interventions, oracle  # noqa: E402
+from edit_oracle import DOWN, NEW, REQUESTS, STEERED, _vec, check, interventions, oracle  # noqa: E402
 
 
 def serve(llm) -> dict[str, list[int]]:
@@ -92,7 +92,9 @@ def compiled(tiny_dirs, tmp_path_factory):
     with env(VLLM_ENABLE_V1_MULTIPROCESSING=1, VLLM_CACHE_ROOT=str(root / "vllm-cache"), DMI_STRICT="1"):
         engine = make_llm(tiny_dirs["qwen3"], enforce_eager=False,
                           additional_config={"dmi": {"hooks": [DOWN], "sink": sink,
-                                                     "interventions": interventions()}})
+                                                     "interventions": interventions()},
+                                             # the API server's steering bank, as `vllm serve` arms it
+                                             "dmi_serve": {"allow_interventions": True}})
     yield engine, sink
     shutdown(engine)
 
@@ -101,12 +103,14 @@ def test_compiled_steers_each_request_like_the_oracle(compiled, llm, load, tmp_p
     engine, sink = compiled
     with dmi.attach(llm, {"hooks": [DOWN], "sink": str(tmp_path / "plain.h5")}):
         plain_got = serve(llm)  # the eager engine, unsteered
+    hf = load("qwen3")
     with dmi.attach(engine) as s:
+        _add_served_requests(engine, hf.config.hidden_size)  # steered by the served bank, in the same batches
         got = serve(engine)
         stats = s.stats()
     assert stats["strict"] == [], stats["strict"]  # no dmi Python ran inside the compiled graph
     run, plain = dmi.open(sink), dmi.open(tmp_path / "plain.h5")
-    hf = load("qwen3")
+    _check_served_requests(run, stats, got, hf)
     ivs = interventions(hf.config.hidden_size, hf.config.intermediate_size)
     for rid, mine in ((r, ivs[k]) for r, k in STEERED.items()):
         tokens, down = oracle(hf, REQUESTS[rid], mine)
@@ -118,3 +122,39 @@ def test_compiled_steers_each_request_like_the_oracle(compiled, llm, load, tmp_p
     books = stats["interventions"]
     assert books["steer-b"]["requests"] == {"b": [[1, 6]]} and books["steer-b"]["failed_rows"] == 0
     assert books["scale-c"]["requests"] == {"c": [[4, 9]]} and books["ablate-c"]["failed_rows"] == 0
+
+
+
+BANK_UID = "00000000000000f1"
+BANK_PROMPTS = {"g": [61, 62, 63, 64], "h": [71, 72, 73]}
+
+
+def _bank_ivs(hidden):
+    return [{"hook": DOWN, "op": "add", "value": _vec(hidden, 5), "scale": 2.0, "heads": None,
+             "tokens": {"mode": "all", "positions": [[2, 6]], "every": 1}}]
+
+
+def _add_served_requests(engine, hidden) -> None:
+    """A request as dmi's API front end sends it, carrying its own interventions (the bank the
+    policy arms, dmi/interventions/banks.py), and a plain one beside it."""
+    import json
+
+    from vllm import SamplingParams, TokensPrompt
+
+    info = {"uid": BANK_UID, "tenant": "t", "kind": "generate", "n": 1, "prompts": 1, "hooks": None, "tokens": None,
+            "interventions": _bank_ivs(hidden)}
+    plain = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, detokenize=False)
+    steered = plain.clone()
+    steered.extra_args = {"dmi": json.dumps(info)}
+    for rid, params in (("g", steered), ("h", plain)):
+        engine.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=BANK_PROMPTS[rid]), params)
+
+
+def _check_served_requests(run, stats, got, hf) -> None:
+    """The served request equals the oracle with its edit; the one beside it the unedited oracle."""
+    ivs = _bank_ivs(hf.config.hidden_size)
+    assert stats["interventions"][f"served@{DOWN}"]["requests"] == {f"{BANK_UID}.0.0": [[2, 6]]}
+    for rid, name, mine in (("g", f"{BANK_UID}.0.0", ivs), ("h", "h", [])):
+        tokens, down = oracle(hf, BANK_PROMPTS[rid], mine)
+        assert got[rid] == tokens, (rid, got[rid], tokens)
+        assert (run.get(DOWN, name) - down).abs().max().item() < 1e-4, rid

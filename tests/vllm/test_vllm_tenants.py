@@ -3,8 +3,10 @@
 Checks (issue 16): each tenant's rows, fetched from /v1/dmi by the id its response carries,
 equal the HF oracle at exactly the positions its spec keeps; neither tenant reads the
 other's requests; requests with the same client id (X-Request-Id) stay apart; n > 1 and
-multi-prompt completions map to their (prompt, choice) rows; an out-of-policy spec gets a
-400 naming the field and the server keeps serving; killing the API server leaves no capture
+multi-prompt completions map to their (prompt, choice) rows; steered requests of both tenants
+and unsteered ones in the same batches each equal the HF oracle with the same edit
+(tests/steer_served.py); an out-of-policy spec gets a 400 naming the field and the server
+keeps serving; killing the API server leaves no capture
 process writing, and the file is marked incomplete with why.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.vllm
 
 HOOKS = ["blocks.*.hook_resid_post", "hook_logits"]
 POLICY = {"tenants": {"key-a": "alice", "key-b": "bob"}, "capture_unasked": False,
-          "max_request_bytes": 200_000, "allow_interventions": False}
+          "max_request_bytes": 200_000, "allow_interventions": True, "intervention_slots": 4}
 ALICE = {"hooks": ["blocks.0.hook_resid_post"]}
 BOB = {"hooks": ["blocks.1.hook_resid_post", "hook_logits"], "tokens": "decode"}
 
@@ -131,9 +133,26 @@ def test_two_tenants_one_server(tiny_dirs, tmp_path, load):
         ref = reference(hf, seq)["blocks.0.hook_resid_post"][positions]
         assert (rows - ref).abs().max() < 1e-4
 
+        # steering: two tenants' interventions and unsteered requests interleaved in the same batches
+        import steer_served
+
+        def steer(who, prompt, spec):
+            r = who.completions(model=model, prompt=prompt, max_tokens=steer_served.NEW, temperature=0,
+                                ignore_eos=True, return_token_ids=True, dmi=spec)
+            return r["choices"][0]["token_ids"], r
+
+        steer_served.run(steer, hf, {"alice": alice, "bob": bob})
+
+        def steer_n2(who, prompt, spec):
+            # (vLLM refuses n > 1 with temperature 0; top_k 1 samples the argmax)
+            r = who.completions(model=model, prompt=prompt, max_tokens=steer_served.NEW, n=2, temperature=1.0,
+                                top_k=1, seed=1, ignore_eos=True, return_token_ids=True, dmi=spec)
+            return [(c["token_ids"], r) for c in sorted(r["choices"], key=lambda c: c["index"])]
+
+        steer_served.run_n2(steer_n2, hf, alice)
+
         # out of policy: 400 naming the field; the server goes on serving
-        bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"),
-               ({"interventions": [{"hook": "blocks.0.hook_resid_post", "op": "add"}]}, "dmi.interventions"),
+        bad = [({"hooks": ["blocks.0.hook_attn_out"]}, "dmi.hooks"), *steer_served.BAD,
                ({"sink": "/tmp/mine.h5"}, "dmi.sink"),
                ({"hooks": ["blocks.*.hook_resid_post", "hook_logits"]}, "dmi.hooks")]  # over max_request_bytes
         for spec, field in bad:
