@@ -141,7 +141,7 @@ def test_a_capture_that_raises_is_reported_once_and_never_reaches_the_engine():
     from dmi.adapters.sglang.worker import SGLangWorkerAdapter, _capture
 
     warned = []
-    session = types.SimpleNamespace(frame=object(), capture=lambda *a, **k: None,
+    session = types.SimpleNamespace(frame=object(), wants=lambda i: True, capture=lambda *a, **k: None,
                                     _warn_once=lambda key, msg: warned.append((key, msg)))
     adapter = SGLangWorkerAdapter.__new__(SGLangWorkerAdapter)
     adapter.session = session
