@@ -37,17 +37,22 @@ def shard(kind: str | None, full: Dims, tp_size: int, tp_rank: int) -> Shard | N
     return (0, tp_rank * n, (tp_rank + 1) * n, total)
 
 
+def rank_path(path: str, rank: int) -> str:
+    """The file tensor-parallel rank `rank` writes beside rank 0's `path` (dmi.open finds it there)."""
+    return path if rank == 0 else f"{path}.rank{rank}"
+
+
 def rank_sink(sink, rank: int, tp_size: int):
     """The sink tensor-parallel rank `rank` writes: rank 0 the spec's, rank r "<path>.rank<r>"
-    beside it (dmi.open finds them there)."""
+    beside it (rank_path)."""
     from dmi.errors import SpecError
 
     if rank == 0:
         return sink
     if isinstance(sink, str) and sink != "memory":  # ("memory" names the memory sink, not a file)
-        return f"{sink}.rank{rank}"
+        return rank_path(sink, rank)
     if isinstance(sink, dict) and "path" in sink:
-        return {**sink, "path": f"{sink['path']}.rank{rank}"}
+        return {**sink, "path": rank_path(sink["path"], rank)}
     raise SpecError("sink", f"this engine runs {tp_size} tensor-parallel ranks and each writes its own file "
                             f"(<path>.rank<r> beside rank 0's); give the sink as a path, or a dict with "
                             f"'path', not {sink!r}")

@@ -20,14 +20,10 @@ import numpy as np
 import torch
 
 from dmi.reader.run import Run
-from dmi.tp import PARTIAL
+from dmi.tp import PARTIAL, rank_path
 from dmi.reader.views import RunViews
 
 Shard = tuple[int, int, int, int]
-
-
-def rank_path(path: str, rank: int) -> str:
-    return path if rank == 0 else f"{path}.rank{rank}"
 
 
 class ShardedRun(RunViews):

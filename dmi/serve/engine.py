@@ -212,9 +212,9 @@ class ServeChannel:
 
 def ack_path(run_path: str, rank: int) -> str:
     """Where tensor-parallel rank `rank` acknowledges flushes: beside the file it writes."""
-    from dmi.tp import rank_sink
+    from dmi.tp import rank_path
 
-    return f"{rank_sink(run_path, rank, 0)}.dmi-flushed"
+    return f"{rank_path(run_path, rank)}.dmi-flushed"
 
 
 def run_path(sink) -> str | None:

@@ -60,13 +60,11 @@ class ServePolicy(BaseModel):
     def bank_hooks(self, armed: list[str]) -> list[str]:
         """The hooks clients may intervene on, among the armed spec's hooks `armed` (both the
         front end and the engine compute them from those names alone, so they agree)."""
-        from dmi.errors import SpecError
-        from dmi.hooknames import resolve
+        from dmi.hooknames import PRESETS, resolve
 
         if not self.allow_interventions:
             return []
         patterns = self.intervention_hooks or ["blocks.*.hook_resid_post"]
-        from dmi.hooknames import PRESETS
 
         for pat in patterns:
             if pat not in PRESETS and not any(c in pat for c in "*?[") and pat not in armed:
