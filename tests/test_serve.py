@@ -406,3 +406,39 @@ def test_sglang_requests_are_named_apart_and_by_arrival():
     assert req("dup", one) == "00112233445566bb.0.0"
     two = {"uid": "00112233445566cc", "n": 1, "prompts": 1}
     assert req("dup", two) == "00112233445566cc.0.0"  # the same rid again: the new request's own name
+
+
+class _Committing:
+    """A session as the serve channel sees it: answers flush markers (or never, when stuck)."""
+
+    def __init__(self, answers: bool = True):
+        self.closed, self.answers = False, answers
+
+    def _wait_marker(self, kind, timeout):
+        return self.answers
+
+
+def _channels(run, sessions):
+    from dmi.serve.engine import ServeChannel
+
+    return [ServeChannel(s, run, rank, len(sessions)) for rank, s in enumerate(sessions)]
+
+
+def test_a_served_flush_waits_for_this_runs_ranks_only(tmp_path):
+    """Files of an earlier run with more ranks (left by overwrite: true) are not waited for;
+    each rank of this run is."""
+    from dmi.serve.results import flush
+
+    run = str(tmp_path / "run.h5")
+    for stale in (f"{run}.rank1", f"{run}.rank1.dmi-flushed", f"{run}.rank3.dmi-flushed"):
+        with open(stale, "w") as f:
+            f.write("0")
+    for sessions, ok in (([_Committing()], True),
+                         ([_Committing(), _Committing(answers=False)], False),   # rank 1 never commits
+                         ([_Committing(), _Committing()], True)):
+        channels = _channels(run, sessions)
+        try:
+            assert flush(run, timeout=10.0 if ok else 1.0) is ok
+        finally:
+            for c in channels:
+                c.stop()

@@ -170,7 +170,7 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
     # Every rank watches the front end (and closes when it dies) and answers served flushes
     # for its own file.
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start,
-                  channel=ServeChannel(session, run_path(spec.sink), rank))
+                  channel=ServeChannel(session, run_path(spec.sink), rank, tp_size))
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
     return {"hooks": session.names, "rank": rank}
 

@@ -149,8 +149,9 @@ class RequestTable:
 class ServeChannel:
     POLL_S = 0.02
 
-    def __init__(self, session, run_path: str | None, rank: int = 0):
+    def __init__(self, session, run_path: str | None, rank: int = 0, tp_size: int = 1):
         self.session = session
+        self.tp_size = int(tp_size)
         self.req = f"{run_path}.dmi-flush" if run_path else None
         self.ack = ack_path(run_path, rank) if run_path else None
         self.front = _front_pid()
@@ -193,7 +194,9 @@ class ServeChannel:
         if self.session._wait_marker("flush", 60.0):
             tmp = f"{self.ack}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
-                f.write(str(seq))
+                # The tensor-parallel size tells the front end which other ranks to wait for
+                # (files of an earlier run with more ranks may still lie beside this one).
+                f.write(f"{seq} {self.tp_size}")
             os.replace(tmp, self.ack)
 
     def _orphaned(self) -> None:

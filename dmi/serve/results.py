@@ -16,10 +16,8 @@ Encodings (docs/serving.md):
 from __future__ import annotations
 
 import base64
-import glob
 import json
 import os
-import re
 import struct
 import threading
 import time
@@ -54,25 +52,31 @@ def flush(run_path: str, timeout: float) -> bool:
         with open(tmp, "w") as f:
             f.write(str(seq))
         os.replace(tmp, req)
-    # The ranks' files exist from the session's start, before any request could be read.
-    ranks = [0] + sorted(int(m.group(1)) for m in (re.search(r"\.rank(\d+)$", p) for p in glob.glob(
-        glob.escape(run_path) + ".rank*")) if m)
-    waiting = [ack_path(run_path, r) for r in ranks]
+    # Rank 0's acknowledgement names the tensor-parallel size; the other ranks' are then waited for.
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        waiting = [a for a in waiting if _acked(a) < seq]
-        if not waiting:
-            return True
+    waiting = None
+    while True:
+        if waiting is None:
+            done, tp_size = _acked(ack_path(run_path, 0))
+            if done >= seq:
+                waiting = [ack_path(run_path, r) for r in range(1, tp_size)]
+        if waiting is not None:
+            waiting = [a for a in waiting if _acked(a)[0] < seq]
+            if not waiting:
+                return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.01)
-    return False
 
 
-def _acked(path: str) -> int:
+def _acked(path: str) -> tuple[int, int]:
+    """(the newest flush a rank has acknowledged, the tensor-parallel size it reported)."""
     try:
         with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+            parts = f.read().split()
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
+    except (OSError, ValueError, IndexError):
+        return 0, 1
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
+from dmi.sinks.parquet_rows import RowsParquetWriter
 
 FORMAT = "dmi-dataset"
 # The newest format this dmi writes and reads. 2 adds value_encoding "bytes"; a dataset without
@@ -47,9 +48,10 @@ SHARD_FORMATS = ("parquet", "safetensors")
 # How a Parquet shard stores a row's values (docs/decisions.md, "dataset sink throughput"):
 # "list": a fixed-size list column, which every reader (datasets, PyArrow, Ray) shows as an
 # array; "bytes": a fixed-size binary column holding the row's raw little-endian bytes (dtype
-# and row shape in the schema's "dmi" metadata; `decode_rows` turns them into an array). Parquet
-# encodes a list value by value, with levels for each, so "bytes" writes (and reads) about twice
-# as fast. Ragged hooks are always lists.
+# and row shape in the schema's "dmi" metadata; `decode_rows` turns them into an array). Both
+# write at about the speed of a copy ("list" through dmi's own writer, parquet_rows.py; Arrow's
+# encodes a list value by value at half that); "bytes" reads back as a zero-copy view. Ragged
+# hooks are always lists.
 VALUE_ENCODINGS = ("list", "bytes")
 MANIFEST_PREFIX = "_manifest.rank"
 GAPS_DIR = "_gaps"
@@ -303,7 +305,10 @@ class DatasetSink(Sink):
                 h.out = pa.OSFile(h.tmp, "wb")
             else:
                 h.out = pa.BufferOutputStream()
-            h.writer = pq.ParquetWriter(h.out, table.schema, **_PARQUET_OPTIONS, compression=self.compression)
+            if RowsParquetWriter.takes(table.schema, self.compression):
+                h.writer = RowsParquetWriter(h.out, table.schema)
+            else:
+                h.writer = pq.ParquetWriter(h.out, table.schema, **_PARQUET_OPTIONS, compression=self.compression)
         self._encode(h, table)
         h.shard_rows += table.num_rows
         h.shard_bytes += int(table.nbytes)
@@ -312,9 +317,9 @@ class DatasetSink(Sink):
             self._write_manifest(complete=False, stats=None)
 
     def _encode(self, h: _Hook, table) -> None:
-        """Write a row group into the hook's shard. With encode_threads, on a pool: Parquet's
-        encoding of a list column (levels for every value) costs about twice a plain copy, and
-        pyarrow releases the GIL while it runs, so hooks encode in parallel; one hook's row
+        """Write a row group into the hook's shard. With encode_threads, on a pool: writing
+        (and, for what Arrow's writer encodes, encoding) runs with the GIL released, so one
+        hook's row group is written while the sink thread takes the next blocks; one hook's row
         groups stay in order (each waits for the one before). At most 2 per thread are in
         flight, which bounds the rows held in memory."""
         if not self.encode_threads:
