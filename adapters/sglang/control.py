@@ -18,6 +18,7 @@ log = logging.getLogger("dmi")
 
 RPC_METHOD = "dmi_control"
 ENV_SPEC = "DMI_SPEC"
+ENV_SERVED = "DMI_SERVED"   # set by dmi's served front end before the schedulers start
 
 # This process's state: one model runner, at most one session on it.
 _STATE: dict = {"runner": None, "adapter": None, "session": None, "armed_at_start": False, "channel": None}
@@ -191,15 +192,20 @@ def reply_path(reply: str, rank: int) -> str:
 
 
 def arm_from_env() -> None:
-    """Open the DMI_SPEC session. The caller's process validated the spec already; whatever
-    still fails here (a sink that cannot be created) is logged and kept for dmi.attach to
-    report: raising would make SGLang take the whole engine down."""
+    """Open the DMI_SPEC session. The caller's process validated the spec and the sink
+    already; whatever still fails here is logged and kept for dmi.attach to report: raising
+    would make SGLang take the whole engine down. A served engine (dmi's front end set
+    DMI_SERVED) does raise: its clients would otherwise get requests served without the capture
+    or steering they asked for."""
     spec = os.environ.get(ENV_SPEC)
     if spec and _STATE["session"] is None:
         try:
             open_session(spec, at_start=True)
         except Exception as e:
             _STATE["arm_error"] = f"{type(e).__name__}: {e}"
+            if os.environ.get(ENV_SERVED):
+                log.error("dmi: arming the served engine (DMI_SPEC) failed; the server stops: %s", e)
+                raise
             log.error("dmi: arming at construction (DMI_SPEC) failed; the engine serves without capture: %s", e)
 
 

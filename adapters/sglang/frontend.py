@@ -109,6 +109,13 @@ def validate_env_spec(model_path: str | None, tp_size: int = 1) -> None:
     from dmi import plugins
 
     spec = validate(spec, hook_map(model_path, plugins.arch_tables("sglang"), tp_size))
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        # The sink too, here and not only in the scheduler: an existing run there (never
+        # overwritten unasked) or an unwritable path stops the engine before it starts, with
+        # the error where the user constructed it (a scheduler's failure reaches only the log).
+        plugins.sink_for(spec.sink)
     os.environ[control.ENV_SPEC] = spec.to_json()
 
 

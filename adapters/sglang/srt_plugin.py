@@ -79,7 +79,12 @@ def _before_launch_server(server_args, *args, **kwargs):
 
     from dmi.serve.asgi import DmiMiddleware, Front
 
+    from . import control
+
     spec = json.loads(os.environ["DMI_SPEC"])
+    # The schedulers, started after this and inheriting the environment, then know that they
+    # serve: one that cannot arm stops the server rather than serve without capture or steering.
+    os.environ[control.ENV_SERVED] = "1"
     front = Front.create("sglang", spec, os.environ.get("DMI_SERVE"), model=str(server_args.model_path),
                          max_len=getattr(server_args, "context_length", None))
     http_server.app.add_middleware(DmiMiddleware, front=front)

@@ -10,7 +10,7 @@ from checks import assert_books_balance, assert_request_matches, fed
 from sglang_env import require_sglang, start_engine
 
 import dmi
-from dmi.errors import SessionStateError, UnknownHookError
+from dmi.errors import SessionStateError, SinkPathError, UnknownHookError
 
 pytestmark = pytest.mark.sglang
 
@@ -24,6 +24,16 @@ def test_bad_spec_in_the_environment_fails_where_the_engine_is_constructed(sgl_t
     monkeypatch.setenv("DMI_SPEC", json.dumps({"hooks": ["blocks.0.hook_resid_psot"]}))
     with pytest.raises(UnknownHookError, match="closest: blocks.0.hook_resid_post"):
         start_engine(sgl_tiny("llama"))
+
+
+def test_an_existing_run_at_the_sink_stops_the_engine_where_it_is_constructed(sgl_tiny, monkeypatch, tmp_path):
+    require_sglang()
+    out = tmp_path / "earlier.h5"
+    out.write_bytes(b"an earlier run")
+    monkeypatch.setenv("DMI_SPEC", json.dumps({"hooks": HOOKS, "sink": str(out)}))
+    with pytest.raises(SinkPathError, match="earlier.h5"):
+        start_engine(sgl_tiny("llama"))
+    assert out.read_bytes() == b"an earlier run"
 
 
 @pytest.fixture(scope="module")

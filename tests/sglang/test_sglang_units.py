@@ -149,3 +149,25 @@ def test_a_capture_that_raises_is_reported_once_and_never_reaches_the_engine():
     b = SBinding("blocks.0.hook_x", "m:output", 4, tap=STap(lambda l, d: None, view="bogus"), where=Where("m"))
     _capture(adapter, 0, b, (), {}, torch.zeros(3, 4))  # must not raise
     assert len(warned) == 1 and "blocks.0.hook_x" in warned[0][1] and "bogus" in warned[0][1]
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_a_scheduler_that_cannot_arm_stops_a_served_engine_only(monkeypatch, served):
+    """Offline, the engine keeps working and dmi.attach reports the failure; served, the
+    scheduler raises (the server does not come up serving requests without their capture or
+    steering)."""
+    def fail(spec, at_start=False):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(control, "open_session", fail)
+    monkeypatch.setitem(control._STATE, "session", None)
+    monkeypatch.setitem(control._STATE, "arm_error", None)
+    monkeypatch.setenv(control.ENV_SPEC, '{"hooks": ["resid"]}')
+    if served:
+        monkeypatch.setenv(control.ENV_SERVED, "1")
+        with pytest.raises(OSError, match="disk full"):
+            control.arm_from_env()
+    else:
+        monkeypatch.delenv(control.ENV_SERVED, raising=False)
+        control.arm_from_env()
+    assert control.handle("status")["arm_error"] == "OSError: disk full"
