@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from dmi.errors import SpecError
 
@@ -48,14 +48,6 @@ class ServePolicy(BaseModel):
     inline_max_bytes: int = Field(1 << 20, ge=0)
     # How long a results read waits for the engine to commit a request's rows.
     flush_timeout_s: float = Field(30.0, gt=0)
-
-    @model_validator(mode="after")
-    def _steering(self):
-        if not self.allow_interventions and self.intervention_hooks is not None:
-            raise ValueError("intervention_hooks is set but allow_interventions is false; set both, or neither")
-        if self.intervention_hooks is not None and not self.intervention_hooks:
-            raise ValueError("an empty intervention_hooks list allows nothing; set allow_interventions false instead")
-        return self
 
     def bank_hooks(self, armed: list[str]) -> list[str]:
         """The hooks clients may intervene on, among the armed spec's hooks `armed` (both the
@@ -98,12 +90,18 @@ class ServePolicy(BaseModel):
         if not isinstance(obj, dict):
             raise SpecError("dmi_serve", f"expected a mapping of policy fields, got {type(obj).__name__}")
         try:
-            return cls.model_validate(obj)
+            policy = cls.model_validate(obj)
         except pydantic.ValidationError as e:
             err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or ("intervention_hooks" if "intervention_hooks" in
-                                                             err["msg"] else "allow_interventions")
+            loc = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown field; valid fields: {', '.join(cls.model_fields)}"
             raise SpecError(f"dmi_serve.{loc}", msg) from None
+        # Across fields, so checked here, where the field to name is known.
+        if not policy.allow_interventions and policy.intervention_hooks is not None:
+            raise SpecError("dmi_serve.intervention_hooks", "set but allow_interventions is false; set both, or neither")
+        if policy.intervention_hooks is not None and not policy.intervention_hooks:
+            raise SpecError("dmi_serve.intervention_hooks", "an empty list allows nothing; set allow_interventions "
+                                                            "false instead")
+        return policy
