@@ -156,22 +156,12 @@ class ServeChannel:
         self.ack = ack_path(run_path, rank) if run_path else None
         self.front = _front_pid()
         self._stop = threading.Event()
-        self._seen = self._read(self.req)
+        self._seen = read_marker(self.req)[0] if self.req else 0
         self.thread = threading.Thread(target=self._run, name="dmi-serve", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-
-    @staticmethod
-    def _read(path) -> int:
-        if path is None:
-            return 0
-        try:
-            with open(path) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
 
     def _run(self) -> None:
         last_check = 0.0
@@ -179,7 +169,7 @@ class ServeChannel:
             if self.session.closed:
                 return
             if self.req is not None:
-                want = self._read(self.req)
+                want = read_marker(self.req)[0]
                 if want > self._seen:
                     self._seen = want
                     self._flush(want)
@@ -192,12 +182,9 @@ class ServeChannel:
 
     def _flush(self, seq: int) -> None:
         if self.session._wait_marker("flush", 60.0):
-            tmp = f"{self.ack}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                # The tensor-parallel size tells the front end which other ranks to wait for
-                # (files of an earlier run with more ranks may still lie beside this one).
-                f.write(f"{seq} {self.tp_size}")
-            os.replace(tmp, self.ack)
+            # The tensor-parallel size tells the front end which other ranks to wait for
+            # (files of an earlier run with more ranks may still lie beside this one).
+            write_marker(self.ack, seq, self.tp_size)
 
     def _orphaned(self) -> None:
         s = self.session
@@ -218,6 +205,25 @@ def ack_path(run_path: str, rank: int) -> str:
     from dmi.tp import rank_path
 
     return f"{rank_path(run_path, rank)}.dmi-flushed"
+
+
+def write_marker(path: str, seq: int, tp_size: int | None = None) -> None:
+    """One file of the flush handshake, replaced whole (a reader never sees half of it):
+    "<seq>" for a request, "<seq> <tp_size>" for a rank's acknowledgement."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(str(seq) if tp_size is None else f"{seq} {tp_size}")
+    os.replace(tmp, path)
+
+
+def read_marker(path: str) -> tuple[int, int]:
+    """(seq, tp_size) of a handshake file; (0, 1) while it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            parts = f.read().split()
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
+    except (OSError, ValueError, IndexError):
+        return 0, 1
 
 
 def run_path(sink) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 import threading
 import time
@@ -40,7 +39,7 @@ _LAST_SEQ = [0]
 def flush(run_path: str, timeout: float) -> bool:
     """Ask the engine to commit everything it captured so far; True once every
     tensor-parallel rank has (a rank's rows complete the others': split heads, partial sums)."""
-    from .engine import ack_path
+    from .engine import ack_path, read_marker, write_marker
 
     req = f"{run_path}.dmi-flush"
     # Responses flush from several threads at once: one at a time, so the numbers the file
@@ -48,35 +47,22 @@ def flush(run_path: str, timeout: float) -> bool:
     # and no two share a temporary file.
     with _FLUSH_LOCK:
         seq = _LAST_SEQ[0] = max(time.time_ns(), _LAST_SEQ[0] + 1)
-        tmp = f"{req}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(str(seq))
-        os.replace(tmp, req)
+        write_marker(req, seq)
     # Rank 0's acknowledgement names the tensor-parallel size; the other ranks' are then waited for.
     deadline = time.monotonic() + timeout
     waiting = None
     while True:
         if waiting is None:
-            done, tp_size = _acked(ack_path(run_path, 0))
+            done, tp_size = read_marker(ack_path(run_path, 0))
             if done >= seq:
                 waiting = [ack_path(run_path, r) for r in range(1, tp_size)]
         if waiting is not None:
-            waiting = [a for a in waiting if _acked(a)[0] < seq]
+            waiting = [a for a in waiting if read_marker(a)[0] < seq]
             if not waiting:
                 return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
-
-
-def _acked(path: str) -> tuple[int, int]:
-    """(the newest flush a rank has acknowledged, the tensor-parallel size it reported)."""
-    try:
-        with open(path) as f:
-            parts = f.read().split()
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 1
-    except (OSError, ValueError, IndexError):
-        return 0, 1
 
 
 @dataclass

@@ -79,9 +79,9 @@ class RowsParquetWriter:
         if n == 0:
             return
         start = self.pos
-        chunks = [self._flat_chunk("request", [_plain_strings(table.column("request").combine_chunks())], n),
-                  self._flat_chunk("position", [_int64(c) for c in table.column("position").chunks], n),
-                  self._flat_chunk("step", [_int64(c) for c in table.column("step").chunks], n),
+        chunks = [self._flat_chunk("request", _BYTE_ARRAY, _plain_strings(table.column("request").combine_chunks()), n),
+                  self._flat_chunk("position", _INT64, _int64(table.column("position")), n),
+                  self._flat_chunk("step", _INT64, _int64(table.column("step")), n),
                   self._data_chunk(table.column("data").chunks)]
         self.row_groups.append(_struct([(1, "list_struct", chunks), (2, "i64", self.pos - start),
                                         (3, "i64", n), (5, "i64", start), (6, "i64", self.pos - start)]))
@@ -105,10 +105,8 @@ class RowsParquetWriter:
         self.out.write(buf)
         self.pos += memoryview(buf).nbytes
 
-    def _flat_chunk(self, name: str, parts: list, n: int) -> bytes:
+    def _flat_chunk(self, name: str, ptype: int, body: bytes, n: int) -> bytes:
         """One required flat column: one PLAIN page, no levels (max levels are 0)."""
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        ptype = _BYTE_ARRAY if name == "request" else _INT64
         start = self.pos
         self._write(_page_header(len(body), n))
         self._write(body)
@@ -196,8 +194,8 @@ def _column_chunk(ptype: int, encodings: list[int], path: list[str], num_values:
     return _struct([(2, "i64", start), (3, "struct", meta)])
 
 
-def _int64(chunk) -> bytes:
-    return np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False), "<i8").tobytes()
+def _int64(column) -> bytes:
+    return np.ascontiguousarray(column.to_numpy(), "<i8").tobytes()
 
 
 def _plain_strings(chunk) -> bytes:
