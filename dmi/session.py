@@ -165,6 +165,9 @@ class Session:
         self.frame = frame
 
     def _account_plan(self, frame: Frame) -> None:
+        if frame.books is not None:  # a reused layout: every hook placed or empty
+            self.acct.captured_many(self.names, frame.books)
+            return
         acct, sink_failed = self.acct, self.drain.sink_failed is not None
         for h in frame.hooks:
             name = self.names[h.hook]
@@ -205,13 +208,13 @@ class Session:
         frame = self.frame
         if frame is None:
             return
-        rows_x = x if flat or x.dim() < 2 else x.flatten(0, 1)
+        lead = 1 if flat or x.dim() < 2 else 2
         h = frame.hooks[i]
         if h.dynamic:
-            return self._capture_dynamic(frame, i, rows_x)
+            return self._capture_dynamic(frame, i, x.flatten(0, 1) if lead == 2 else x)
         if h.reason == "deferred":
             self._next_part(frame, i)
-        self._kernel(rows_x, i)
+        self._kernel(x, i, lead)  # the kernel merges [batch, tokens] itself: no torch op here
         h.fired = True
 
     def _next_part(self, frame: Frame, i: int) -> None:
@@ -293,7 +296,7 @@ class Session:
 
     def _seal(self, frame: Frame) -> None:
         self.frame = None
-        for h in frame.hooks:
+        for h in (frame.hooks if frame.books is None else ()):
             if h.dynamic and h.offset is None and h.reason is None and len(h.src):
                 # an eager-only hook with rows whose capture point never ran
                 h.reason = "not_captured"

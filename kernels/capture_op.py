@@ -58,12 +58,14 @@ capture = torch.ops.dmi.capture.default
 
 
 def eager(ring: torch.Tensor, control):
-    """The capture op's kernel for eager forwards, as a callable (x, slot): the same kernel as
-    the op's, without the dispatcher (an eager forward has no graph to keep the op in)."""
+    """The capture op's kernel for eager forwards, as a callable (x, slot, lead=1): the same
+    kernel as the op's, without the dispatcher (an eager forward has no graph to keep the op
+    in). x's first `lead` dims are its rows ([batch, tokens, ...]: lead=2)."""
     if ring.device.type == "cuda":
         from dmi.kernels.triton_capture import capture_rows as triton_rows
 
-        return lambda x, slot: triton_rows(ring, x, control.rows, control.ctrl, slot)
+        return lambda x, slot, lead=1: triton_rows(ring, x.flatten(0, lead - 1) if lead > 1 else x, control.rows,
+                                                   control.ctrl, slot)
     from dmi.kernels.cpu import EagerCPU
 
     return EagerCPU(ring, control)

@@ -37,15 +37,19 @@ class EagerCPU:
         self.ring_np = ring.numpy()
         self.control = control  # read per call: a CPU plan may grow into new arrays
 
-    def __call__(self, x: torch.Tensor, slot: int) -> None:
+    def __call__(self, x: torch.Tensor, slot: int, lead: int = 1) -> None:
         c = self.control
         enabled, offset, count, group, xrows, row_bytes, status = c.ctrl_np[slot].tolist()
         if not enabled or count <= 0:
             return
         try:
-            xn = x.numpy()
-        except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8): torch's kernel
-            return capture_rows(self.ring, x, c.rows, c.ctrl, slot)
+            xn = x.numpy()  # refused for a tensor that requires grad, and for dtypes numpy lacks
+        except (TypeError, RuntimeError):  # bfloat16, float8, a forward outside no_grad: torch's kernel
+            x = x.detach()
+            return capture_rows(self.ring, x.flatten(0, lead - 1) if lead > 1 and x.dim() >= lead else x,
+                                c.rows, c.ctrl, slot)
+        if lead > 1 and xn.ndim >= lead:  # [batch, tokens, ...] rows, merged here (a numpy view)
+            xn = xn.reshape(-1, *xn.shape[lead:])
         n = xn.shape[0] if xn.ndim else 1
         width = xn.size // n if n else 0
         if n != xrows or width * xn.itemsize != row_bytes:

@@ -39,6 +39,19 @@ class Accounting:
             self.bytes_captured += nbytes
             self.frames += 1
 
+    def captured_many(self, names: list[str], books: list[tuple]) -> None:
+        """captured() for each (hook index into names, produced, filtered, kept, nbytes), under
+        one lock: a step's books at once."""
+        with self._lock:
+            hooks = self.hooks
+            for i, produced, filtered, kept, nbytes in books:
+                h = hooks[names[i]]
+                h["produced"] += produced
+                h["filtered"] += filtered
+                h["in_flight"] += kept
+                self.bytes_captured += nbytes
+            self.frames += len(books)
+
     def dropped(self, hook: str, n: int, reason: str, produced: int = 0, filtered: int = 0,
                 in_flight: bool = False, requests=()) -> None:
         with self._lock:

@@ -50,6 +50,11 @@ class RowFilter:
         self.stride = spec.steps.stride
         self.warmup = spec.steps.warmup
         self._chosen: dict[str, bool] = {}
+        # Whether a step's kept rows depend on its rows only through their requests (no token
+        # filter, no fallback): then the same request rows in a selected step keep the same rows.
+        t = self.tokens
+        self.by_request_only = (t.mode == "all" and t.ranges is None and t.every <= 1
+                                and self.fallback_tokens is None)
 
     def step_selected(self, step: int) -> bool:
         return step >= self.warmup and (step - self.warmup) % self.stride == 0

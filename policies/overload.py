@@ -76,13 +76,20 @@ class Overload:
                 total += a
         if total == PayloadRing.aligned(header) and not header_only:
             return None, [r if s else None for r, s in zip(reasons, sizes)]
-        if not alive():
-            return None, [("drain_stopped" if s else None) for s in sizes]
-        wait = self.mode != "drop"
-        off = self.ring.alloc(total, wait=wait, timeout=BLOCK_TIMEOUT_S, alive=alive, before_wait=self.wake)
-        if off is not None and self.ring.fill() >= 0.5:
-            self.wake()  # half full: drain now rather than on the next tick
+        off, why = self.reserve_bytes(total, alive)
         if off is None:
-            why = "drain_stopped" if not alive() else "ring_full"
             return None, [(r or why) if s else None for r, s in zip(reasons, sizes)]
         return off, reasons
+
+    def reserve_bytes(self, total: int, alive) -> tuple[int | None, str | None]:
+        """`total` bytes for a frame known to fit the ring (each hook placed): (offset, None),
+        or (None, why not) under this policy."""
+        if not alive():
+            return None, "drain_stopped"
+        off = self.ring.alloc(total, wait=self.mode != "drop", timeout=BLOCK_TIMEOUT_S, alive=alive,
+                              before_wait=self.wake)
+        if off is None:
+            return None, "drain_stopped" if not alive() else "ring_full"
+        if self.ring.fill() >= 0.5:
+            self.wake()  # half full: drain now rather than on the next tick
+        return off, None

@@ -44,6 +44,7 @@ class HFBinding(Binding):
 class HFAdapter(Adapter):
     engine_name = "hf"
     supports_interventions = True
+    keys_needed = True  # set at arm: whether a captured hook reads the key mask (attention patterns)
 
     def __init__(self, model: torch.nn.Module, table: ArchTable | None = None, derived: Derived | None = None):
         """table: a hand-written (or plugin) table; its taps override what the structure gives.
@@ -218,6 +219,8 @@ class HFAdapter(Adapter):
         self.session = session
         compiled.ensure_hook_guards()
         self._logits_hooks = [i for i, b in enumerate(bindings) if b.group == LOGITS]
+        # only attention patterns read the key mask (the drain compacts them per request)
+        self.keys_needed = any(b.tap.ragged or b.tap.view == "pattern" for b in bindings)
         edited = session.edits.hooks if getattr(session, "edits", None) is not None else {}
         points = [(i, b, edited.get(b.name)) for i, b in enumerate(bindings)]
         points += [(None, he.binding, he) for he in edited.values() if he.capture is None]
@@ -320,8 +323,12 @@ def _capture_hook(adapter: HFAdapter, i: int, b: HFBinding, dims, args, kwargs, 
     x = reading.pick(b.tap, args, kwargs, output)
     if not isinstance(x, torch.Tensor):
         return
-    x = reading.view(b.tap, x.detach(), dims)
-    _capture_rows(adapter, i, b, x if b.tap.flat or x.dim() < 2 else x.flatten(0, 1))
+    # detach only where it does something (each torch op here runs once a hook, every step)
+    x = reading.view(b.tap, x.detach() if x.requires_grad else x, dims)
+    if torch.compiler.is_compiling():
+        _capture_rows(adapter, i, b, x if b.tap.flat or x.dim() < 2 else x.flatten(0, 1))
+    else:  # eager: the kernel merges [batch, tokens] itself
+        adapter.session.capture(i, x, flat=b.tap.flat)
 
 
 def _capture_rows(adapter: HFAdapter, i: int, b: HFBinding, rows_x: torch.Tensor) -> None:
@@ -357,7 +364,7 @@ def _generate(adapter: HFAdapter, original, *args, **kwargs):
     if isinstance(eos, torch.Tensor):
         eos_ids = set(eos.flatten().tolist())
     outer = adapter._gen
-    adapter._gen = GenerateState(eos_ids={int(e) for e in eos_ids})
+    adapter._gen = GenerateState(eos_ids={int(e) for e in eos_ids}, keys_needed=adapter.keys_needed)
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         adapter._gen.user_mask = mask.detach().to("cpu")  # once per generate, before any step

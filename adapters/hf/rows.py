@@ -27,6 +27,8 @@ class GenerateState:
     user_mask: torch.Tensor | None = None  # generate's 2-D mask, for forwards given only 4-D masks (static cache)
     key_mask: np.ndarray | None = None
     late: "LateEos | None" = None
+    decode_columns: tuple | None = None  # (tokens, request, phase) of this generate's decode tables
+    keys_needed: bool = True  # some hook reads attention patterns: keep the key mask up to date
 
 
 class LateEos:
@@ -46,9 +48,13 @@ class LateEos:
         self._lock = threading.Lock()
 
     def add(self, step: int, fed: torch.Tensor) -> None:
-        """Engine thread: the tokens fed at `step` ([batch], any device), copied without a sync."""
-        host = torch.empty(fed.shape, dtype=fed.dtype, pin_memory=fed.is_cuda)
-        host.copy_(fed, non_blocking=True)
+        """Engine thread: the tokens fed at `step` ([batch], any device), copied without a sync
+        (on a CPU, with numpy: this runs every decode step)."""
+        if fed.is_cuda:
+            host = torch.empty(fed.shape, dtype=fed.dtype, pin_memory=True)
+            host.copy_(fed, non_blocking=True)
+        else:
+            host = fed.numpy().copy()
         with self._lock:
             self._pending.append((step, host))
 
@@ -57,7 +63,7 @@ class LateEos:
         with self._lock:
             while self._pending and self._pending[0][0] <= step:
                 s, host = self._pending.pop(0)
-                self.finished |= np.isin(host.numpy(), self.eos)
+                self.finished |= np.isin(host if isinstance(host, np.ndarray) else host.numpy(), self.eos)
                 self._alive[s] = ~self.finished
             for old in [k for k in self._alive if k < step]:
                 del self._alive[old]
@@ -158,7 +164,7 @@ def row_table(inp: StepInputs, counter: RequestCounter, gen: GenerateState | Non
         gen.forwards += 1
         if mirror and first:
             gen.next_pos = position[:, -1].astype(np.int64) + 1
-            gen.key_mask = key_mask
+            gen.key_mask = key_mask if gen.keys_needed else None
             gen.late = LateEos(gen.eos_ids, B) if gen.eos_ids and input_ids is not None else None
 
     return _table(B, T, ids, real, position, PREFILL if first else DECODE, key_mask)
@@ -176,12 +182,19 @@ def _decode_rows_sync_free(inp: StepInputs, gen: GenerateState, step: int) -> Ro
     B, T = int(ref.shape[0]), int(ref.shape[1])
     if B != len(gen.request_ids):
         return None  # not the generate we know (the caller falls back to reading the device)
-    real = np.ones((B, T), dtype=bool)  # generate extends every row's mask by ones
-    position = gen.next_pos[:, None] + np.arange(T)[None, :]
+    # Every row is real (generate extends every row's mask by ones) and a decode: the request and
+    # phase columns are the same every step of this shape (kept, read-only), and the positions
+    # continue. Few array ops: this runs between every two forwards.
+    fixed = gen.decode_columns
+    if fixed is None or fixed[0] != T:
+        request = np.repeat(np.arange(B, dtype=np.int32), T)
+        gen.decode_columns = fixed = (T, request, np.full(B * T, DECODE, dtype=np.int8))
+    position = gen.next_pos if T == 1 else (gen.next_pos[:, None] + np.arange(T)[None, :]).reshape(-1)
     gen.next_pos = gen.next_pos + T
     if gen.key_mask is not None:
         gen.key_mask = np.concatenate([gen.key_mask, np.ones((B, T), dtype=bool)], axis=1)
     if gen.late is not None and inp.is_ids:
-        gen.late.add(step, ref[:, -1].detach())
+        gen.late.add(step, ref[:, -1])
     gen.forwards += 1
-    return _table(B, T, gen.request_ids, real, position, DECODE, gen.key_mask, late=gen.late)
+    return RowTable(batch=B, tokens=T, request_ids=gen.request_ids, request=fixed[1], position=position,
+                    phase=fixed[2], key_mask=gen.key_mask, late=gen.late)

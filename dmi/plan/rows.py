@@ -19,7 +19,12 @@ TOKENS, LOGITS = "tokens", "logits"
 @dataclass
 class RowTable:
     """Who each row of a step's tensor belongs to. For the token group, rows are the step's tokens
-    in [batch, tokens] order (an engine with a flat batch uses batch=1)."""
+    in [batch, tokens] order (an engine with a flat batch uses batch=1).
+
+    A table's arrays are never written once handed to the session (the drain reads them later).
+    An adapter may hand the very same `request` array and `request_ids` list again for a step
+    whose rows are the same requests (a steady decode): the planner then reuses the last plan
+    without running the filters (Planner.plan)."""
 
     batch: int
     tokens: int

@@ -54,6 +54,9 @@ class Frame:
     gaps: list = field(default_factory=list)  # GapBlocks recorded while planning and capturing this step
     placed: list[HookRows] = field(default_factory=list)  # hooks whose rows this part of the frame holds
     final: bool = True           # False: more parts of this step follow (a step larger than the ring)
+    # A plan reused from the last step's layout (Planner._reuse) whose hooks are all placed or
+    # empty: nothing deferred or dynamic to settle at seal, and these books to record
+    books: list | None = None
     stream: Any = None           # GPU: the stream the step's captures were enqueued on
     done_event: Any = None       # GPU: recorded on `stream` when the step ended (the frame sealed)
 
@@ -84,11 +87,13 @@ class Planner:
         # Served engines: each request may select its own hooks and tokens (dmi/serve). A
         # callable (group, table) -> bool [hooks, rows] or None (every request takes the spec).
         self.request_masks = None
+        self._layout: _Layout | None = None  # the last plan's, while a step like it may reuse it
 
     def enable_request_masks(self, masks) -> None:
         """Let `masks(group, table)` narrow each hook's rows per request. A hook's rows may then
         differ from its group's, so every hook gets a source-row list of its own in the control
         table (made before any graph captures its tensors)."""
+        self._layout = None
         if self.request_masks is None:
             # The same table, grown: whoever holds it (the eager kernel, an adapter) sees the rows.
             self.control.add_groups(len(self.bindings))
@@ -97,11 +102,23 @@ class Planner:
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
         degraded = self.overload.update(step)
+        layout = self._layout
+        if layout is not None and layout.same_requests(tables, degraded, self.filter.step_selected(step)) \
+                and self.filter.by_request_only:
+            # the same request rows as the step before, and filters that read nothing else of
+            # them: the same rows kept (a steady decode), without running the filters
+            return self._reuse(layout, step, tables, alive, layout.kept_now, degraded)
         kept: dict[str, tuple] = {}
         for g, table in tables.items():
+            if g != TOKENS and table is tables[TOKENS]:
+                continue  # a group whose rows are the token rows this step (decode logits): below
             keep, fb = self.filter.keep(step, table)
             produced = int((table.request >= 0).sum())
             kept[g] = (keep, fb, produced, produced - int(keep.sum()))
+        kept = {g: kept.get(g) or kept[TOKENS] for g in tables}
+        if layout is not None and layout.matches(kept, degraded):
+            return self._reuse(layout, step, tables, alive, kept, degraded)
+        self._layout = None
         # Hooks of one group share their row arrays (read-only): per step the work is per group,
         # and per hook only a record (a decode step plans every hook; this is its whole cost).
         shared: dict[tuple[str, bool] | None, tuple[np.ndarray, np.ndarray]] = {}
@@ -149,6 +166,41 @@ class Planner:
             off, reasons = None, [None] * len(sizes)
         frame.offset = off
         self._fill(frame, off, reasons, degraded, kept)
+        if self.request_masks is None and not dynamic and all(h.reason is None for h in frame.hooks):
+            self._layout = _Layout(frame, kept, degraded, sizes, self.control.ctrl_np, self.filter.step_selected(step))
+        return frame
+
+    def _reuse(self, layout: "_Layout", step: int, tables: dict[str, RowTable], alive, kept: dict,
+               degraded: bool) -> Frame:
+        """A step whose filters keep exactly the rows of the last plan's (a steady decode: the
+        same requests, one token each) gets that plan's layout at a new ring offset: the same
+        hook records and source rows (the rows table is left as the last plan wrote it), the
+        control rows shifted by the new offset. The cost of a plan is then one reservation
+        and a few array copies, not a pass over the hooks (it runs between every two forwards,
+        with the engine's caches cold). A reservation that fails (drop, a dead drain) is
+        recorded as the full plan records it."""
+        frame = Frame(step, tables, header=self.header)
+        frame.hooks = [HookRows(*t) for t in layout.hooks]
+        if layout.nbytes:
+            off, why = self.overload.reserve_bytes(layout.nbytes, alive)
+            if off is None:
+                self._fill(frame, None, [why if n else None for n in layout.sizes], degraded, kept)
+                return frame
+            c = self.control.ctrl_np
+            np.copyto(c, layout.ctrl)
+            c[layout.placed, 1] += off
+            c[layout.placed, 6] += off
+            self.overload.ring.zero(off, self.header)
+            frame.offset, frame.nbytes = off, layout.nbytes
+            for h, rel in zip(frame.hooks, layout.offsets):
+                if rel is not None:
+                    h.offset = off + rel
+                    frame.placed.append(h)
+        else:
+            frame.header = 0
+            self.control.ctrl_np[:] = 0
+        self.control.send()
+        frame.books = layout.books
         return frame
 
     def _fill(self, frame: Frame, off: int | None, reasons, degraded: bool, kept) -> None:
@@ -167,7 +219,7 @@ class Planner:
         if off is None:
             frame.header = 0
         else:  # status words start at 0: a hook whose capture point never runs reads as not captured
-            self.overload.ring.buffer[off: off + self.header].zero_()
+            self.overload.ring.zero(off, self.header)
         for g, (keep, fb, _, _) in kept.items():
             src = np.flatnonzero(fb if degraded else keep)
             if len(src) <= ctrl.capacity:
@@ -201,7 +253,7 @@ class Planner:
                 h.reason = reasons[h.hook] or "ring_full"
             part.header = 0
             return part, todo
-        self.overload.ring.buffer[off: off + self.header].zero_()
+        self.overload.ring.zero(off, self.header)
         cursor = self.header
         for h in todo:
             if reasons[h.hook] is None:
@@ -221,6 +273,10 @@ class Planner:
             self.control.ctrl_np[h.hook] = 0
             self.control.send_row(h.hook)
 
+    def forget_layout(self) -> None:
+        """The next plan is made in full (the control table was changed outside a plan)."""
+        self._layout = None
+
     def disable(self) -> None:
         """Between steps nothing is planned: a stray forward writes nothing."""
         self.control.ctrl_np[:] = 0
@@ -235,3 +291,56 @@ class Planner:
         self._point(frame, h, offset, frame.offset, row_bytes)
         self.control.send_row(h.hook)
 
+
+
+class _Layout:
+    """What a plan decided, relative to its frame's ring offset, and the filter results it was
+    decided from (a later step with equal results may reuse it: Planner._reuse)."""
+
+    _FIELDS = ("hook", "group", "src", "produced", "filtered", "lost", "nbytes", "offset", "reason", "row_shape",
+               "dtype", "dynamic")
+
+    def __init__(self, frame: Frame, kept: dict, degraded: bool, sizes: list[int], ctrl: np.ndarray,
+                 selected: bool):
+        self.kept = {g: (keep.copy(), None if fb is None else fb.copy(), produced)
+                     for g, (keep, fb, produced, _) in kept.items()}
+        self.kept_now = kept
+        # the row tables' request columns it was planned from (an adapter that keeps a steady
+        # decode's columns hands the same arrays again) and whether the step filter chose its step
+        self.requests = {g: (t.request, t.request_ids) for g, t in frame.tables.items()}
+        self.selected = selected
+        self.degraded = degraded
+        self.sizes = list(sizes)
+        base = frame.offset or 0
+        self.offsets = [None if h.offset is None else h.offset - base for h in frame.hooks]
+        self.hooks = [tuple(None if f == "offset" else getattr(h, f) for f in self._FIELDS) for h in frame.hooks]
+        self.nbytes = frame.nbytes
+        self.placed = np.array([h.hook for h in frame.placed], dtype=np.int64)
+        # each hook's (produced, filtered, kept, bytes) for the books (Accounting.captured_many)
+        self.books = None if any(len(h.lost) for h in frame.hooks) else [
+            (h.hook, h.produced, h.filtered, len(h.src) if h.offset is not None else 0,
+             h.nbytes if h.offset is not None else 0) for h in frame.hooks]
+        self.ctrl = ctrl.copy()
+        if len(self.placed):
+            self.ctrl[self.placed, 1] -= base
+            self.ctrl[self.placed, 6] -= base
+
+    def same_requests(self, tables: dict[str, RowTable], degraded: bool, selected: bool) -> bool:
+        if degraded != self.degraded or selected != self.selected or tables.keys() != self.requests.keys():
+            return False
+        for g, t in tables.items():
+            request, ids = self.requests[g]
+            if t.request is not request or t.request_ids is not ids:
+                return False
+        return True
+
+    def matches(self, kept: dict, degraded: bool) -> bool:
+        if degraded != self.degraded or kept.keys() != self.kept.keys():
+            return False
+        for g, (keep, fb, produced, _) in kept.items():
+            k, f, p = self.kept[g]
+            if produced != p or keep.shape != k.shape or not np.array_equal(keep, k):
+                return False
+            if (fb is None) != (f is None) or (fb is not None and not np.array_equal(fb, f)):
+                return False
+        return True

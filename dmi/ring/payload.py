@@ -22,6 +22,8 @@ class PayloadRing:
         # process (and the engine's accounting) before the KV cache is sized, and the hot path
         # never takes a first-touch page fault.
         self.buffer = torch.zeros(self.capacity, dtype=torch.uint8, device=device)
+        # the same bytes as numpy on a CPU: a slice store there costs a fraction of a torch op's
+        self._host = self.buffer.numpy() if self.buffer.device.type == "cpu" else None
         self._lock = threading.Condition()
         self._live: deque[tuple[int, int]] = deque()  # (start, end), oldest first
         self._head = 0        # next free byte
@@ -118,6 +120,12 @@ class PayloadRing:
                 self._head = 0
             self._lock.notify_all()
 
+    def zero(self, start: int, nbytes: int) -> None:
+        if self._host is not None:
+            self._host[start: start + nbytes] = 0
+        else:
+            self.buffer[start: start + nbytes].zero_()
+
     def view(self, start: int, nbytes: int) -> torch.Tensor:
         return self.buffer[start: start + nbytes]
 
@@ -129,5 +137,5 @@ class PayloadRing:
         Call once nothing reads the ring any more (the drain has stopped)."""
         with self._lock:
             self.closed = True
-            self.buffer = None
+            self.buffer = self._host = None
             self._lock.notify_all()

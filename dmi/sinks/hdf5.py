@@ -466,10 +466,12 @@ class HDF5Sink(Sink):
         if last is None or last[0] is not ids:
             last = self._last_requests = (ids, np.full(len(ids), -1, dtype=np.int32))
         table, idx = last[1], block.request_index
-        missing = np.unique(idx[table[idx] < 0])
-        if len(missing):
+        out = table[idx]
+        if (out < 0).any():  # ids this frame's table has not mapped yet
+            missing = np.unique(idx[out < 0])
             table[missing] = self._map_requests([ids[j] for j in missing.tolist()])
-        return table[idx]
+            out = table[idx]
+        return out
 
     def _map_requests(self, requests: list[str]) -> np.ndarray:
         index = self._request_index
