@@ -28,8 +28,13 @@ from dmi.sinks.hdf5 import FORMAT, FORMAT_VERSION
 _DENSE_SPAN_FACTOR = 4
 # Reads of a file that another process is still writing can hit chunks or index nodes past the
 # end of file this reader saw at open (HDF5 without SWMR has no reader/writer ordering).
-# Reopening picks up the newer end of file, so such reads are retried a few times.
-_LIVE_RETRIES = 4
+# Reopening picks up the newer end of file, so such reads are retried. A writer that commits
+# often (a served engine commits for every response that reads its rows back) rewrites the
+# books' attribute each time, and a reader can land in several rewrites in a row (CI saw "bad
+# heap index" after four tries within 0.2 s): up to about 1 s of retries before calling the
+# file damaged.
+_LIVE_RETRIES = 12
+_LIVE_BACKOFF_S = 0.02, 0.1  # per attempt, and at most
 
 T = TypeVar("T")
 
@@ -62,7 +67,7 @@ def _live(fn: Callable[..., T]) -> Callable[..., T]:
                             or attempt >= _LIVE_RETRIES):
                         raise _damaged(self.path, fn.__name__, e) from e
                     attempt += 1
-                    time.sleep(0.02 * attempt)
+                    time.sleep(min(_LIVE_BACKOFF_S[0] * attempt, _LIVE_BACKOFF_S[1]))
                     self._reopen()
                 except UnknownName:
                     raise
