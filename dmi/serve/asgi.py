@@ -321,8 +321,6 @@ class DmiMiddleware:
 
     async def _steered(self, entry: Entry) -> list[dict]:
         """What the engine applied of the request's interventions, from the committed books."""
-        import dmi
-
         from . import steer
 
         f = self.front
@@ -333,7 +331,7 @@ class DmiMiddleware:
             raise TimeoutError(f"the engine did not commit within {f.policy.flush_timeout_s} s")
 
         def books():
-            with dmi.open(f.run_path) as run:
+            with results.open_run(f.run_path) as run:
                 return run.interventions
 
         return steer.report(await asyncio.to_thread(books), entry.uid, entry.interventions)

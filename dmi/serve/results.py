@@ -16,6 +16,7 @@ Encodings (docs/serving.md):
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import struct
 import threading
@@ -34,6 +35,21 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 _FLUSH_LOCK = threading.Lock()
 _LAST_SEQ = [0]
+# One reader of the live run file at a time in this process. HDF5 shares one open file (its
+# metadata cache and end of file) among every handle of a process: while another thread held
+# a handle, a read that hit the engine's latest commit reopened into the same stale state and
+# failed on every retry ("bad heap index", "len not positive after adjustment for EOA"; CI,
+# two tenants' responses read back at once). Alone, a reopen sees the file as it is now.
+_READ_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def open_run(run_path: str):
+    """The live run file, opened for this thread alone (see _READ_LOCK)."""
+    import dmi
+
+    with _READ_LOCK, dmi.open(run_path) as run:
+        yield run
 
 
 def flush(run_path: str, timeout: float) -> bool:
@@ -95,9 +111,7 @@ class Part:
 
 def read(run_path: str, uid: str, hooks: list[str]) -> list[Part]:
     """Every (prompt, choice) of request `uid`, with `hooks`' rows (sorted by position)."""
-    import dmi
-
-    with dmi.open(run_path) as run:
+    with open_run(run_path) as run:
         mine = [n for n in run.requests if n.startswith(uid + ".")]
         have = set(run.hooks)
         parts: list[Part] = []
