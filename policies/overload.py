@@ -76,6 +76,8 @@ class Overload:
                 total += a
         if total == PayloadRing.aligned(header) and not header_only:
             return None, [r if s else None for r, s in zip(reasons, sizes)]
+        if not alive():  # every hook with rows is dropped as such, oversize or not
+            return None, [("drain_stopped" if s else None) for s in sizes]
         off, why = self.reserve_bytes(total, alive)
         if off is None:
             return None, [(r or why) if s else None for r, s in zip(reasons, sizes)]

@@ -103,8 +103,8 @@ class Planner:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
         degraded = self.overload.update(step)
         layout = self._layout
-        if layout is not None and layout.same_requests(tables, degraded, self.filter.step_selected(step)) \
-                and self.filter.by_request_only:
+        if layout is not None and self.filter.by_request_only \
+                and layout.same_requests(tables, degraded, self.filter.step_selected(step)):
             # the same request rows as the step before, and filters that read nothing else of
             # them: the same rows kept (a steady decode), without running the filters
             return self._reuse(layout, step, tables, alive, layout.kept_now, degraded)
