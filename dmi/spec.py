@@ -122,6 +122,16 @@ class RingSpec(_Strict):
     bytes: Int64 = Field(256 * 2**20, gt=0)  # checked against the device's free memory at attach
 
 
+class DrainSpec(_Strict):
+    """When the drain thread moves sealed steps from the ring to the sink (dmi/ring/frames.py)."""
+
+    # auto: at pauses on a CPU engine (the drain and sink threads would share its cores),
+    # streaming on a GPU; stream: every 0.1 s while steps arrive; pause: when the engine pauses,
+    # the ring is half full, or the oldest step waited max_delay_s.
+    schedule: Literal["auto", "stream", "pause"] = "auto"
+    max_delay_s: float = Field(5.0, gt=0.0)
+
+
 def _tokens(v):
     return {"mode": v} if isinstance(v, str) else v
 
@@ -160,6 +170,7 @@ class CaptureSpec(_Strict):
     requests: RequestFilter = Field(default_factory=RequestFilter)
     steps: StepFilter = Field(default_factory=StepFilter)
     ring: RingSpec = Field(default_factory=RingSpec)
+    drain: DrainSpec = Field(default_factory=DrainSpec)
     overload: Literal["block", "drop", "degrade"] = "block"
     degrade: DegradeSpec | None = None
     sink: Union[str, dict[str, Any]] = "dmi_capture.h5"

@@ -22,6 +22,9 @@ from .hostqueue import EMPTY, ByteBoundedQueue
 
 log = logging.getLogger("dmi")
 
+# The most ring bytes the drain gathers before handing the blocks on (a few steps' worth).
+_GATHER_BYTES = 8 << 20
+
 
 # numpy has no bfloat16: bf16 travels as its uint16 bit patterns (lossless), like every
 # other dtype as the same-width numpy type.
@@ -185,8 +188,26 @@ class Drain:
             self.host.put(items, sum(b.data.nbytes for b in items if isinstance(b, RowBlock)))
 
     def _drain_frames(self, frames: list[Frame], batch: list) -> None:
-        """Read the frames taken (coalesced on a GPU), gather each hook's rows of all of them
-        into one block (the host copy), then release the ring."""
+        """Drain the frames taken, a slice of at most _GATHER_BYTES at a time: each slice's
+        blocks go to the sink thread before the next is gathered, so after a pause the sink
+        writes while the drain gathers, the ring frees as it goes, and the host buffers stay
+        small enough to be reused rather than fresh memory the size of the whole backlog."""
+        start, size = 0, 0
+        for k, f in enumerate(frames):
+            n = sum(b for _, b in f.ranges())
+            if k > start and size + n > _GATHER_BYTES:
+                self._drain_slice(frames[start:k], batch)
+                self._hand_over(batch)
+                done = {id(x) for x in frames[start:k]}  # handed on: no longer the drain's to count
+                self._taken = [x for x in self._taken if id(x) not in done]
+                start, size = k, 0
+            size += n
+        self._drain_slice(frames[start:], batch)
+        frames.clear()
+
+    def _drain_slice(self, frames: list[Frame], batch: list) -> None:
+        """Read the frames (coalesced on a GPU), gather each hook's rows of all of them into
+        one block (the host copy), then release the ring."""
         if not frames:
             return
         pending: dict[int, list] = {}
@@ -201,13 +222,13 @@ class Drain:
                     self.acct.error(f"drain: {type(e).__name__}: {e}")
                     log.error("dmi drain failed on step %d: %s", f.step, traceback.format_exc())
                     self.lost(f, "drain_error")
+            tables: dict = {}  # the hooks of these frames share their id tables: one list for all
             for hook, parts in pending.items():
-                batch.append(self._gather(hook, parts))
+                batch.append(self._gather(hook, parts, tables))
         finally:
             for f in frames:
                 for off, _ in f.ranges():
                     self.ring.release(off)
-        frames.clear()
 
     def _unpack(self, f: Frame, host, batch: list, pending: dict) -> None:
         batch.extend(f.gaps)
@@ -233,7 +254,7 @@ class Drain:
                 self.copied_bytes += rows.nbytes
             pending.setdefault(h.hook, []).append((rows, table, src, f.step))
 
-    def _gather(self, hook: int, parts: list) -> RowBlock:
+    def _gather(self, hook: int, parts: list, tables: dict) -> RowBlock:
         """One block of a hook's rows from several frames: the one host copy of each row (out of
         the ring, or the pinned mirror on a GPU), after which the ring space can be reused."""
         info = self.hook_infos[hook]
@@ -252,14 +273,23 @@ class Drain:
             np.copyto(data, datas[0])
         self.copied_bytes += data.nbytes
         self.row_bytes += data.nbytes
-        ids: list[str] = []
-        index = []
-        for _, table, src, _ in parts:  # one id table for the block: the frames' tables one after another
-            index.append(table.request[src].astype(np.int32) + len(ids))
-            ids.extend(table.request_ids)
+        # One id table for the block: the frames' tables one after another. Blocks of other hooks
+        # from the same frames get the same list object, so a sink maps its ids once.
+        key = tuple(id(p[1]) for p in parts)
+        ids, starts = tables.get(key) or tables.setdefault(key, self._id_table(parts))
+        index = [table.request[src].astype(np.int32) + at for (_, table, src, _), at in zip(parts, starts)]
         return RowBlock(hook=info, data=data, request_index=np.concatenate(index), request_ids=ids,
                         position=np.concatenate([t.position[s] for _, t, s, _ in parts]),
                         step=np.concatenate([np.full(len(s), st, dtype=np.int64) for _, _, s, st in parts]))
+
+    @staticmethod
+    def _id_table(parts: list) -> tuple[list[str], list[int]]:
+        ids: list[str] = []
+        starts = []
+        for _, table, _, _ in parts:
+            starts.append(len(ids))
+            ids.extend(table.request_ids)
+        return ids, starts
 
     def _not_captured(self, f: Frame, h, table, name: str, batch: list) -> None:
         """Planned rows the capture point did not write: its module never ran this step, or ran

@@ -3,6 +3,7 @@ from the engine's thread to the drain, in the order their payload was written.""
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -16,25 +17,45 @@ class Marker:
     done: Any = None
 
 
+# A pause is this many typical step intervals without a new frame, within these bounds: long
+# enough that the gap between two steps is not one, short enough that the end of a generate is.
+_PAUSE_STEPS = 3.0
+_MIN_PAUSE_S = 0.05
+_MAX_PAUSE_S = 0.5
+
+
 class FrameRing:
     """A bounded FIFO of sealed frames, gap records and markers.
 
-    Putting a frame wakes no one but an idle drain: the drain takes everything pending one
-    `period` after the first item arrived, so it runs at most ten times a second
-    whatever the step rate, each time moving many steps at once, and not at all while idle. On a CPU host every wake-up of another Python thread costs
-    the engine's thread a GIL hand-off; fewer, larger hand-overs also mean fewer, larger sink
-    writes. A marker, a ring under pressure (`wake`) or a half-full frame ring wakes it at once.
-    A producer never waits on a drain that has died (`alive`): the item is refused and the
-    caller counts it as dropped.
+    When the drain takes what is pending (`take_all`) is the drain schedule:
+    - streaming (`pause=False`, the GPU default): one `period` after the first item arrived,
+      so it runs at most ten times a second whatever the step rate, each time moving many
+      steps at once, and not at all while idle;
+    - at pauses (`pause=True`, the CPU default): once the engine stops producing frames for a
+      few step intervals (the end of a generate, a server between batches), or the oldest
+      pending item is `max_delay` seconds old. On a CPU engine the drain and sink threads
+      share the cores the engine's own threads use, so work they do while it runs stalls it
+      (its threads meet at barriers every op) and runs slower itself; the same work done in a
+      pause costs its CPU time once.
+    Putting a frame wakes no one but an idle drain: every wake-up of another Python thread
+    costs the engine's thread a GIL hand-off. A marker, a ring under pressure (`urgent`,
+    `wake`) or a half-full frame ring wakes it at once. A producer never waits on a drain that
+    has died (`alive`): the item is refused and the caller counts it as dropped.
     """
 
-    def __init__(self, capacity: int = 4096, alive=lambda: True, period: float = 0.1):
+    def __init__(self, capacity: int = 4096, alive=lambda: True, period: float = 0.1, pause: bool = False,
+                 max_delay: float = 5.0):
         self.capacity = capacity
         self.alive = alive
         self.period = period
+        self.pause = pause
+        self.max_delay = max_delay
         self._items: deque = deque()
         self._cv = threading.Condition()
         self._urgent = False
+        self._first = 0.0      # when the oldest pending item arrived
+        self._last = 0.0       # when the newest did
+        self._interval = 0.0   # typical time between two items while the engine runs
 
     def put(self, item, urgent: bool = False) -> bool:
         with self._cv:
@@ -44,7 +65,14 @@ class FrameRing:
                 self._urgent = True
                 self._cv.notify_all()
                 self._cv.wait(0.05)
+            now = time.monotonic()
+            gap = now - self._last
+            if gap < _MAX_PAUSE_S:  # between two steps, not after a pause
+                self._interval = gap if not self._interval else 0.8 * self._interval + 0.2 * gap
+            self._last = now
             self._items.append(item)
+            if len(self._items) == 1:
+                self._first = now
             if urgent or len(self._items) >= self.capacity // 2:
                 self._urgent = True
                 self._cv.notify_all()
@@ -59,17 +87,31 @@ class FrameRing:
             self._cv.notify_all()
 
     def take_all(self, timeout: float | None = None) -> list:
-        """Everything pending after one period (sooner when woken; possibly nothing)."""
+        """Everything pending once the schedule says so (sooner when woken; possibly nothing)."""
         with self._cv:
             if not self._items and not self._urgent:  # idle: no wake-ups at all until something arrives
                 self._cv.wait_for(lambda: self._items or self._urgent, timeout)
-            if not self._urgent:  # let a period's steps gather, so they move in one go
+            if self.pause:
+                self._await_pause()
+            elif not self._urgent:  # let a period's steps gather, so they move in one go
                 self._cv.wait_for(lambda: self._urgent, self.period)
             self._urgent = False
             items = list(self._items)
             self._items.clear()
             self._cv.notify_all()
             return items
+
+    def _await_pause(self) -> None:
+        """Wait (holding the condition) until the producer pauses, the oldest item is
+        max_delay old, or something is urgent. Puts do not wake this wait: it sleeps until
+        the pause it expects, then looks again."""
+        while self._items and not self._urgent:
+            quiet = min(max(_PAUSE_STEPS * self._interval, _MIN_PAUSE_S), _MAX_PAUSE_S)
+            deadline = min(self._last + quiet, self._first + self.max_delay)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def __len__(self) -> int:
         return len(self._items)
