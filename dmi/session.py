@@ -74,9 +74,7 @@ class Session:
         name, config = adapter.describe()
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
-        self.frames = FrameRing(pause=spec.drain.schedule == "pause" or (spec.drain.schedule == "auto"
-                                                                         and not self._on_gpu),
-                                max_delay=spec.drain.max_delay_s)
+        self.frames = FrameRing(pause=spec.drain.schedule == "pause", max_delay=spec.drain.max_delay_s)
         self.overload = Overload(spec, self.ring, self.acct, wake=self.frames.wake)
         self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
                                self.overload, self.ring.buffer.device, self.fallback_hooks)

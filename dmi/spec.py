@@ -125,10 +125,11 @@ class RingSpec(_Strict):
 class DrainSpec(_Strict):
     """When the drain thread moves sealed steps from the ring to the sink (dmi/ring/frames.py)."""
 
-    # auto: at pauses on a CPU engine (the drain and sink threads would share its cores),
-    # streaming on a GPU; stream: every 0.1 s while steps arrive; pause: when the engine pauses,
-    # the ring is half full, or the oldest step waited max_delay_s.
-    schedule: Literal["auto", "stream", "pause"] = "auto"
+    # stream: every 0.1 s while steps arrive; pause: once the engine pauses (the end of a
+    # generate, a server between batches), the ring is half full, or the oldest step waited
+    # max_delay_s (docs/decisions.md, "Drain schedule": on this project's 2-core CPU machine
+    # neither was faster beyond the noise, so the default stays the one measured longest).
+    schedule: Literal["stream", "pause"] = "stream"
     max_delay_s: float = Field(5.0, gt=0.0)
 
 

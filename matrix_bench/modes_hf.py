@@ -12,7 +12,8 @@ import torch
 import dmi
 import dmi.plugins
 
-MODES = ("off", "dmi", "dmi-drop", "dmi-null", "hf-hidden-states", "hf-attentions", "forward-hook-cpu", "nnsight",
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
+         "nnsight",
          "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
          "steer-graphs")
 # *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
@@ -222,7 +223,7 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         session = dmi.attach(model, steer_spec(mode, model, ids.shape[0], ring_bytes))
         path = None
         ctx = contextlib.nullcontext()
-    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-graphs"):
+    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-graphs"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)
@@ -272,7 +273,9 @@ def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.Capt
     return dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=sink,
                            overload="drop" if mode == "dmi-drop" else "block",
                            # dmi-null: capture points armed and called, every row filtered out
-                           requests={"ids": ["none"]} if mode == "dmi-null" else {})
+                           requests={"ids": ["none"]} if mode == "dmi-null" else {},
+                           # dmi-pause: the drain waits for the engine's pauses (drain.schedule)
+                           drain={"schedule": "pause"} if mode == "dmi-pause" else {})
 
 
 def steer_spec(mode: str, model, batch: int, ring_bytes: int) -> dmi.CaptureSpec:

@@ -100,13 +100,13 @@ def test_stream_schedule_moves_frames_while_the_engine_runs():
     assert len(during) >= 5
 
 
-@pytest.mark.parametrize("schedule, pause", [("auto", True), ("stream", False), ("pause", True)])
-def test_a_cpu_session_takes_the_schedule_asked(load, tmp_path, schedule, pause):
+@pytest.mark.parametrize("drain, pause", [({}, False), ({"schedule": "stream"}, False),
+                                         ({"schedule": "pause", "max_delay_s": 1.5}, True)])
+def test_a_session_takes_the_schedule_asked(load, tmp_path, drain, pause):
     model = load("qwen3")
-    spec = dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=str(tmp_path / "r.h5"),
-                           drain={"schedule": schedule, "max_delay_s": 1.5})
+    spec = dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=str(tmp_path / "r.h5"), drain=drain)
     with dmi.attach(model, spec) as s:
-        assert s.frames.pause is pause and s.frames.max_delay == 1.5
+        assert s.frames.pause is pause and s.frames.max_delay == drain.get("max_delay_s", 5.0)
 
 
 def test_rows_of_a_generate_reach_a_live_reader_once_the_engine_pauses(load, tmp_path):
@@ -117,7 +117,8 @@ def test_rows_of_a_generate_reach_a_live_reader_once_the_engine_pauses(load, tmp
     model = load("qwen3")
     out = str(tmp_path / "live.h5")
     spec = dmi.CaptureSpec(hooks=["blocks.*.hook_resid_post"], sink={"kind": "hdf5", "path": out,
-                                                                      "flush_every_s": 0.2})
+                                                                      "flush_every_s": 0.2},
+                           drain={"schedule": "pause"})
     with dmi.attach(model, spec) as s:
         assert s.frames.pause
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])

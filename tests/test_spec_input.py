@@ -78,7 +78,7 @@ def test_shorthands_ring_bytes_and_integer_request_ids():
     ({"requests": {"ids": [True]}}, "requests.ids", ["strings"]),
     ({"tokens": {"positions": [[0, 2**64]]}}, "tokens.positions", ["less than or equal"]),
     ({"tokens": {"every": 2**63}}, "tokens.every", ["less than or equal"]),
-    ({"drain": {"schedule": "lazy"}}, "drain.schedule", ["'auto'", "'stream'", "'pause'"]),
+    ({"drain": {"schedule": "lazy"}}, "drain.schedule", ["'stream'", "'pause'"]),
     ({"drain": {"max_delay_s": 0}}, "drain.max_delay_s", ["greater than 0"]),
 ])
 def test_bad_values_name_the_field(spec, field, words):

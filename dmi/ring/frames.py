@@ -27,16 +27,15 @@ _MAX_PAUSE_S = 0.5
 class FrameRing:
     """A bounded FIFO of sealed frames, gap records and markers.
 
-    When the drain takes what is pending (`take_all`) is the drain schedule:
-    - streaming (`pause=False`, the GPU default): one `period` after the first item arrived,
-      so it runs at most ten times a second whatever the step rate, each time moving many
-      steps at once, and not at all while idle;
-    - at pauses (`pause=True`, the CPU default): once the engine stops producing frames for a
-      few step intervals (the end of a generate, a server between batches), or the oldest
-      pending item is `max_delay` seconds old. On a CPU engine the drain and sink threads
-      share the cores the engine's own threads use, so work they do while it runs stalls it
-      (its threads meet at barriers every op) and runs slower itself; the same work done in a
-      pause costs its CPU time once.
+    When the drain takes what is pending (`take_all`) is the drain schedule (`drain.schedule`):
+    - streaming (`pause=False`, the default): one `period` after the first item arrived, so it
+      runs at most ten times a second whatever the step rate, each time moving many steps at
+      once, and not at all while idle;
+    - at pauses (`pause=True`): once the engine stops producing frames for a few step
+      intervals (the end of a generate, a server between batches), or the oldest pending item
+      is `max_delay` seconds old. On a CPU engine the drain and sink threads share the cores
+      the engine's own threads use; this moves their work out of its steps, at the cost of
+      rows reaching the sink later.
     Putting a frame wakes no one but an idle drain: every wake-up of another Python thread
     costs the engine's thread a GIL hand-off. A marker, a ring under pressure (`urgent`,
     `wake`) or a half-full frame ring wakes it at once. A producer never waits on a drain that
