@@ -13,8 +13,7 @@ import dmi
 import dmi.plugins
 
 MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
-         "nnsight",
-         "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
+         "nnsight", "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
          "steer-graphs")
 # *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
 # timed until the file is written); dmi modes are likewise timed until their file is closed.
