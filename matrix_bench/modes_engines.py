@@ -138,8 +138,9 @@ def _once(runner, engine, mode, prompts, b, d, r, args, hooks, work, row) -> dic
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         runner.generate(prompts, d, mode)
+        facts = {}
+        if session is not None:  # persisted: timed until the file is closed, as for HF
+            facts.update(close_facts(session))
         seconds = time.perf_counter() - t0
-    facts = {"peak_mem": rss.peak}
-    if session is not None:
-        facts.update(close_facts(session))
+    facts["peak_mem"] = rss.peak
     return row(engine, mode, b, d, args.prompt_len, r, seconds=seconds, **facts)

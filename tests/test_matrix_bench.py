@@ -78,3 +78,27 @@ def test_steer_specs_steer_what_they_say(load):
     mixed = steer_spec("steer-mixed", model, 8, 1 << 30)
     assert [iv.requests.ids for iv in mixed.interventions] == [["0"], ["1"], ["2"], ["3"]]
     assert len({tuple(iv.value) for iv in mixed.interventions}) == 4
+
+
+def test_peak_rss_sees_a_peak_inside_the_block_and_none_from_before(monkeypatch):
+    import numpy as np
+
+    from matrix_bench.modes_hf import PeakRSS
+
+    big = np.ones(96 << 20, dtype=np.uint8)  # touched: resident before the next block
+    del big
+    with PeakRSS() as quiet:
+        pass
+    with PeakRSS() as busy:
+        a = np.ones(96 << 20, dtype=np.uint8)
+        del a
+    assert busy.peak - quiet.peak > 80 << 20
+    # without the kernel's counter (another OS, or clear_refs not writable) a thread samples
+    monkeypatch.setattr(PeakRSS, "_reset_hwm", staticmethod(lambda: False))
+    with PeakRSS(every_s=0.001) as sampled:
+        a = np.ones(96 << 20, dtype=np.uint8)
+        import time
+
+        time.sleep(0.05)
+        del a
+    assert sampled.peak - quiet.peak > 80 << 20

@@ -24,7 +24,24 @@ SPECS = {
     # rows that change every step: planned in full every step
     "every": ({"tokens": {"every": 3}}, 0),
     "steps": ({"steps": {"stride": 2}}, 0),
+    # a served engine's planner (per-request masks armed): steps where no request chose its own
+    # hooks reuse layouts as an unserved one does; the two where request "1" leaves out
+    # blocks.1.attn.hook_z are planned hook by hook, and the step after them in full again
+    "served": ({}, NEW - 5),
 }
+
+
+def _served_masks(group, table):
+    """bool [hooks, rows] like dmi.serve's RequestTable.masks: request "1" takes every hook
+    but blocks.1.attn.hook_z at positions 7 and 8; None (the spec for all) at every other step."""
+    if "1" not in table.request_ids:
+        return None
+    mine = table.request == table.request_ids.index("1")
+    if not (mine & np.isin(table.position, [7, 8])).any():
+        return None
+    out = np.repeat((table.request >= 0)[None], len(HOOKS), axis=0)
+    out[1, mine] = False
+    return out
 
 
 def _plan_log(monkeypatch, reuse: bool) -> list:
@@ -52,12 +69,14 @@ def _plan_log(monkeypatch, reuse: bool) -> list:
     return log
 
 
-def _generate(load, path, spec: dict, monkeypatch, reuse: bool):
+def _generate(load, path, spec: dict, monkeypatch, reuse: bool, served: bool = False):
     model = load("qwen3")
     ids, mask = left_pad(PROMPTS, PAD)
     with monkeypatch.context() as m:
         log = _plan_log(m, reuse)
-        with dmi.attach(model, dmi.CaptureSpec(hooks=HOOKS, sink=path, **spec)):
+        with dmi.attach(model, dmi.CaptureSpec(hooks=HOOKS, sink=path, **spec)) as session:
+            if served:
+                session.planner.enable_request_masks(_served_masks)
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                  pad_token_id=PAD, eos_token_id=NO_EOS)
     return model, log, fed_sequences(gen, PROMPTS)
@@ -74,9 +93,10 @@ def test_reused_plans_equal_full_plans(name, load, tmp_path, monkeypatch):
 
     spec, steady = SPECS[name]
     monkeypatch.setattr(Planner, "_reuse", counting)
-    model, fast, seqs = _generate(load, str(tmp_path / "fast.h5"), spec, monkeypatch, reuse=True)
+    served = name == "served"
+    model, fast, seqs = _generate(load, str(tmp_path / "fast.h5"), spec, monkeypatch, reuse=True, served=served)
     monkeypatch.setattr(Planner, "_reuse", orig)
-    _, slow, seqs2 = _generate(load, str(tmp_path / "slow.h5"), spec, monkeypatch, reuse=False)
+    _, slow, seqs2 = _generate(load, str(tmp_path / "slow.h5"), spec, monkeypatch, reuse=False, served=served)
     assert seqs == seqs2
     assert len(reused) >= steady, f"only {len(reused)} steps reused a layout"
     assert len(fast) == len(slow) == NEW
@@ -94,6 +114,10 @@ def test_reused_plans_equal_full_plans(name, load, tmp_path, monkeypatch):
         for hook in HOOKS:
             assert a.positions(hook, rid).tolist() == b.positions(hook, rid).tolist()
             assert np.array_equal(a.get(hook, rid).numpy(), b.get(hook, rid).numpy())
+    if served:  # the masked steps left request 1's hook_z rows out, as gaps of nothing: filtered
+        z = a.positions("blocks.1.attn.hook_z", "1").tolist()
+        assert 7 not in z and 8 not in z and 6 in z and 9 in z
+        assert a.positions("blocks.1.hook_resid_post", "1").tolist() == list(range(len(seqs[1])))
     if name == "all":  # and the rows are the model's: the unpadded single-sequence forward
         for rid, seq in enumerate(seqs):
             assert_matches(a, model, str(rid), seq, HOOKS, logits_from=len(PROMPTS[rid]) - 1)

@@ -102,7 +102,12 @@ class Planner:
     def plan(self, step: int, tables: dict[str, RowTable], alive) -> Frame:
         tables = {g: tables.get(g, tables[TOKENS]) for g in self.groups}
         degraded = self.overload.update(step)
-        layout = self._layout
+        # Served engines: only a step with a request that chose its own hooks or tokens plans
+        # hook by hook; every other step may reuse the last plan as an unserved one does.
+        masks = ({g: self.request_masks(g, t) for g, t in tables.items()} if self.request_masks is not None
+                 else dict.fromkeys(tables))
+        masked = any(m is not None for m in masks.values())
+        layout = None if masked else self._layout
         if layout is not None and self.filter.by_request_only \
                 and layout.same_requests(tables, degraded, self.filter.step_selected(step)):
             # the same request rows as the step before, and filters that read nothing else of
@@ -123,8 +128,6 @@ class Planner:
         # and per hook only a record (a decode step plans every hook; this is its whole cost).
         shared: dict[tuple[str, bool] | None, tuple[np.ndarray, np.ndarray]] = {}
         frame = Frame(step, tables, header=self.header)
-        masks = ({g: self.request_masks(g, t) for g, t in tables.items()} if self.request_masks is not None
-                 else dict.fromkeys(tables))
         sizes = []
         for i, b in enumerate(self.bindings):
             keep, fb, produced, filtered = kept[b.group]
@@ -166,7 +169,7 @@ class Planner:
             off, reasons = None, [None] * len(sizes)
         frame.offset = off
         self._fill(frame, off, reasons, degraded, kept)
-        if self.request_masks is None and not dynamic and all(h.reason is None for h in frame.hooks):
+        if not masked and not dynamic and all(h.reason is None for h in frame.hooks):
             self._layout = _Layout(frame, kept, degraded, sizes, self.control.ctrl_np, self.filter.step_selected(step))
         return frame
 
