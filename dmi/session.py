@@ -7,6 +7,7 @@ launches `dmi::capture` with the plan's tensors; end_step() seals the step's fra
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import os
@@ -90,7 +91,10 @@ class Session:
         self.drain = Drain(self.ring, self.frames, sink, self.acct, self.hook_infos, self.names,
                            host_bytes=spec.ring.bytes)
         self.frames.alive = self.drain.alive
-        sink.stats_provider = self.stats  # the books go into every commit: a killed run keeps them
+        # The books go into every commit, so a killed run keeps them; the interventions'
+        # per-request ranges only as they change (they grow with every request steered).
+        sink.stats_provider = functools.partial(self.stats, per_request=False)
+        sink.books_provider = self.edits.books.take_changes if self.edits is not None else None
         self.drain.start()
         self.step = 0
         self.frame: Frame | None = None
@@ -386,13 +390,15 @@ class Session:
 
         return cache_of(self)
 
-    def stats(self) -> dict:
+    def stats(self, per_request: bool = True) -> dict:
+        """The session's books; per_request=False leaves out the interventions' per-request
+        ranges (a committing sink takes those from `books_provider`)."""
         snap = self.acct.snapshot(self.ring)
         snap["host_copies_per_row"] = self.drain.copies_per_row()
         if self.strict is not None:
             snap["strict"] = list(self.strict.violations)
         if self.edits is not None:
-            snap["interventions"] = self.edits.stats()
+            snap["interventions"] = self.edits.stats(per_request)
         return snap
 
     def flush(self, timeout: float | None = None) -> None:

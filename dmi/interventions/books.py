@@ -1,9 +1,13 @@
 """Which (request, position) rows each intervention applied to, and which it could not.
 
 Kept as [start, stop) position ranges per request (a decode adds one position a step, which
-extends the last range), so the books stay small and go into the run's stats at every commit.
-The engine's thread only appends each step's rows (one list append); they are folded into
-ranges when the books are read (the sink's commits, stats(), close), off the hot path.
+extends the last range). The engine's thread only appends each step's rows (one list append);
+they are folded into ranges when the books are read (the sink's commits, stats(), close), off
+the hot path.
+
+The per-request part grows with every request a server steers, so a sink that stores the
+books at every commit takes only what changed since its last commit (`take_changes`) and the
+totals (`snapshot(per_request=False)`); the reader joins them (dmi/sinks/hdf5.py, "books").
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class Books:
         self._failed = [dict() for _ in entries]    # reason -> {rid: ranges}
         self._rows = [0] * len(entries)
         self._failed_rows = [0] * len(entries)
+        self._dirty: set[tuple[int, str | None, str]] = set()  # (k, reason, request) changed since take_changes
 
     def record(self, k: int, request_ids: list[str], request: np.ndarray, position: np.ndarray,
                reason: str | None = None) -> None:
@@ -52,21 +57,38 @@ class Books:
                 code, pos = code[order], pos[order]
                 cut = np.flatnonzero((np.diff(code) != 0) | (np.diff(pos) != 1)) + 1
                 for a, b in zip(np.r_[0, cut], np.r_[cut, len(pos)]):
-                    ranges = into.setdefault(str(names[code[a]]), [])
+                    rid = str(names[code[a]])
+                    self._dirty.add((k, reason, rid))
+                    ranges = into.setdefault(rid, [])
                     start, stop = int(pos[a]), int(pos[b - 1]) + 1
                     if ranges and ranges[-1][1] == start:
                         ranges[-1][1] = stop
                     else:
                         ranges.append([start, stop])
 
-    def snapshot(self) -> dict:
+    def snapshot(self, per_request: bool = True) -> dict:
+        """Per intervention: its entry, rows applied and failed, and (per_request) which
+        requests' position ranges: "requests" {rid: ranges}, "failed" {reason: {rid: ranges}}."""
         self._fold()
         with self._lock:
             out = {}
             for k, e in enumerate(self.entries):
-                out[e["name"]] = {**e, "rows": self._rows[k],
-                                  "requests": {r: [list(x) for x in v] for r, v in self._applied[k].items()},
-                                  "failed_rows": self._failed_rows[k],
-                                  "failed": {why: {r: [list(x) for x in v] for r, v in d.items()}
-                                             for why, d in self._failed[k].items()}}
+                out[e["name"]] = {**e, "rows": self._rows[k], "failed_rows": self._failed_rows[k]}
+                if per_request:
+                    out[e["name"]].update(
+                        requests={r: [list(x) for x in v] for r, v in self._applied[k].items()},
+                        failed={why: {r: [list(x) for x in v] for r, v in d.items()}
+                                for why, d in self._failed[k].items()})
+            return out
+
+    def take_changes(self) -> list[tuple[str, str, str, list[list[int]]]]:
+        """(intervention name, reason or "" for applied, request, all its ranges now) of every
+        (intervention, reason, request) whose ranges changed since the last call."""
+        self._fold()
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            out = []
+            for k, reason, rid in sorted(dirty, key=lambda d: (d[0], d[1] or "", d[2])):
+                ranges = (self._applied[k] if reason is None else self._failed[k][reason])[rid]
+                out.append((self.entries[k]["name"], reason or "", rid, [list(x) for x in ranges]))
             return out

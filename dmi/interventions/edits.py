@@ -192,8 +192,8 @@ class Edits:
         if self.banks is not None:
             self.banks.skipped(rows, reason)
 
-    def stats(self) -> dict:
-        return self.books.snapshot()
+    def stats(self, per_request: bool = True) -> dict:
+        return self.books.snapshot(per_request)
 
 
 def _not_editable(adapter, b) -> str | None:

@@ -297,7 +297,52 @@ class Run(RunViews):
             committed.setdefault(h, 0)
         stats["hooks"] = {h: {**(per_hook.get(h) or {}), "committed": n} for h, n in committed.items()}
         stats["rows"] = {**(stats.get("rows") or {}), "committed": sum(committed.values())}
+        if isinstance(stats.get("interventions"), dict):
+            self._join_books(stats["interventions"])
         return stats
+
+    def _join_books(self, ivs: dict) -> None:
+        """The interventions' per-request ranges from /books (dmi/sinks/hdf5.py), into the
+        totals the stats JSON holds: per (intervention, reason, request), its latest commit's."""
+        for e in ivs.values():
+            if isinstance(e, dict):
+                e.setdefault("requests", {})
+                e.setdefault("failed", {})
+        g = self.file.get("books")
+        if g is None:
+            return
+        try:
+            n = self._committed(g.attrs, g["start"].shape[0])
+            if self._salvaged is not None:
+                n = min(n, int(g.attrs.get("committed", 0)))
+            if not n:
+                return
+            names = g["intervention"].asstr()[:n]
+            reasons = g["reason"].asstr()[:n]
+            req = g["request"][:n]
+            start, stop, commit = g["start"][:n], g["stop"][:n], g["commit"][:n]
+        except (OSError, KeyError, ValueError) as e:  # a damaged file: the totals stay, say what is missing
+            for entry in ivs.values():
+                if isinstance(entry, dict):
+                    entry["books_error"] = f"per-request ranges unreadable: {e}"
+            return
+        ids = self.requests
+        latest: dict[tuple[str, str, int], int] = {}
+        for k in range(n):
+            key = (names[k], reasons[k], int(req[k]))
+            latest[key] = max(latest.get(key, 0), int(commit[k]))
+        cleared: set[tuple[str, str, int]] = set()
+        for k in range(n):
+            key = (names[k], reasons[k], int(req[k]))
+            if int(commit[k]) != latest[key]:
+                continue
+            entry = ivs.setdefault(key[0], {"requests": {}, "failed": {}})
+            rid = ids[key[2]] if 0 <= key[2] < len(ids) else str(key[2])
+            into = entry["requests"] if not key[1] else entry["failed"].setdefault(key[1], {})
+            if key not in cleared:  # the latest commit's rows replace what the JSON or earlier rows said
+                cleared.add(key)
+                into[rid] = []
+            into[rid].append([int(start[k]), int(stop[k])])
 
     @_live
     def dtype(self, hook: str) -> str | None:

@@ -99,9 +99,14 @@ class Sink:
 
     `stats_provider`, when the session sets it, returns the session's current stats dict; a
     sink that commits in steps may store it at each commit, so that a run which never reaches
-    close() still has its books (the HDF5 sink does). It may be called from the sink thread."""
+    close() still has its books (the HDF5 sink does). It may be called from the sink thread.
+    It leaves out the interventions' per-request ranges, which grow with every request a
+    server steers: `books_provider` (None without interventions) returns those that changed
+    since its last call, as (intervention, reason or "" for applied, request id, all its
+    [start, stop) ranges now), for the sink to append. close(stats) gets the full books."""
 
     stats_provider: Callable[[], dict[str, Any]] | None = None
+    books_provider: Callable[[], list[tuple[str, str, str, list[list[int]]]]] | None = None
     # True when a row is readable as soon as write() returns (no commit step): the session
     # counts it committed at once, not at the next flush().
     commits_on_write: bool = False

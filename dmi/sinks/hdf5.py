@@ -14,7 +14,12 @@ Layout (format_version 1):
         position      int64 [N]
         step          int64 [N]
     /gaps/            hook (vlen str), request (int32), position, step (int64), reason (vlen str)
-    /stats            attr json: the run's stats dict
+    /stats            attr json: the run's stats dict; interventions without their per-request ranges
+    /books/           the interventions' per-request ranges, appended at each commit for the
+                      (intervention, reason, request) whose ranges changed since the last one:
+                      intervention, reason (vlen str; "" applied), request (int32), start, stop,
+                      commit (int64); for each (intervention, reason, request) the rows of its
+                      latest commit are its ranges. attrs: committed. Absent without interventions
 
 Everything is resizable along axis 0 and appended chunk by chunk.
 
@@ -234,6 +239,8 @@ class HDF5Sink(Sink):
             error = e
         try:
             grp = f.require_group("stats")
+            if "books" in f:  # the per-request ranges are in /books, up to date as of the commit above
+                stats = _without_ranges(stats)
             grp.attrs["json"] = _dumps(stats if stats is not None else {})
             f.attrs["complete"] = bool(complete) and error is None
             f.flush()
@@ -277,6 +284,7 @@ class HDF5Sink(Sink):
 
     def _commit(self) -> None:
         f = self._require_open()
+        self._append_books()
         for hw in self._hooks.values():
             hw.group.attrs["committed"] = hw.rows
         f["gaps"].attrs["committed"] = f["gaps"]["request"].shape[0]
@@ -336,6 +344,37 @@ class HDF5Sink(Sink):
         buf, at = st
         st[1] = at + n
         return buf[at:at + n]
+
+    def _append_books(self) -> None:
+        """The interventions' per-request ranges that changed since the last commit (see the
+        layout above): their rows, then the count a reader may trust, before the commit's own."""
+        provider = self.books_provider
+        changes = provider() if provider is not None else None
+        if not changes:
+            return
+        f = self._require_open()
+        g = f.get("books")
+        if g is None:
+            g = f.create_group("books")
+            for name, dt in (("intervention", _STR), ("reason", _STR), ("request", np.int32), ("start", np.int64),
+                             ("stop", np.int64), ("commit", np.int64)):
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(_GAP_CHUNK,))
+        rows = [(name, why, rid, a, b) for name, why, rid, ranges in changes for a, b in ranges]
+        req = self._map_requests([r[2] for r in rows])
+        self._flush_requests()
+        n = len(rows)
+        start = g["start"].shape[0]
+        columns = {"intervention": np.array([r[0] for r in rows], dtype=object),
+                   "reason": np.array([r[1] for r in rows], dtype=object), "request": req,
+                   "start": np.array([r[3] for r in rows], dtype=np.int64),
+                   "stop": np.array([r[4] for r in rows], dtype=np.int64),
+                   "commit": np.full(n, int(f.attrs.get("commits", 0)) + 1, dtype=np.int64)}
+        for name, values in columns.items():
+            ds = g[name]
+            ds.resize((start + n,))
+            ds[start:] = values
+        f.flush()  # phase 1: the rows are in the file before the count below says so
+        g.attrs["committed"] = start + n
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
@@ -594,6 +633,16 @@ def _adjacent(p: np.ndarray, d: np.ndarray) -> bool:
     return (base is not d and _owner(p) is base and base.flags.c_contiguous and p.flags.c_contiguous
             and d.flags.c_contiguous and p.dtype == d.dtype and p.shape[1:] == d.shape[1:]
             and _address(d) == _address(p) + p.nbytes)
+
+
+def _without_ranges(stats: dict | None) -> dict | None:
+    """stats with the interventions' per-request ranges left out (they are in /books)."""
+    ivs = (stats or {}).get("interventions")
+    if not isinstance(ivs, dict):
+        return stats
+    keep = {k: {f: v for f, v in e.items() if f not in ("requests", "failed")} if isinstance(e, dict) else e
+            for k, e in ivs.items()}
+    return {**stats, "interventions": keep}
 
 
 def _next_pow2(n: int) -> int:
