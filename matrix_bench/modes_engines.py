@@ -142,5 +142,7 @@ def _once(runner, engine, mode, prompts, b, d, r, args, hooks, work, row) -> dic
         if session is not None:  # persisted: timed until the file is closed, as for HF
             facts.update(close_facts(session))
         seconds = time.perf_counter() - t0
+    if session is not None and os.path.exists(sink):  # as HF's modes and baselines do: the page
+        os.unlink(sink)                                # cache of old runs' files is not kept
     facts["peak_mem"] = rss.peak
     return row(engine, mode, b, d, args.prompt_len, r, seconds=seconds, **facts)
