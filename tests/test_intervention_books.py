@@ -99,3 +99,56 @@ def test_a_long_steered_serve_commits_each_change_once_and_reads_back_whole(tmp_
         assert run.interventions["a"]["requests"]["r399"] == [[0, 15]]
         assert run.interventions["b"]["failed"]["no_slot"]["r16"] == [[9, 10]]
         assert '"requests"' not in str(stats)
+
+
+def test_a_failing_books_provider_never_stops_commits_and_is_reported(tmp_path):
+    import dmi
+    from dmi.sinks.base import RunMeta
+    from dmi.sinks.hdf5 import HDF5Sink
+
+    b = _books()
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    sink = HDF5Sink(str(tmp_path / "x.h5"), flush_every_s=3600)
+    sink.stats_provider = lambda: {"interventions": b.snapshot(per_request=False)}
+    sink.books_provider = broken
+    sink.open(RunMeta(dmi_version=dmi.__version__, engine="test", model="none", model_config={}, spec_json="{}"))
+    b.record(0, ["x"], np.array([0]), np.array([0]))
+    sink.flush()
+    sink.flush()
+    sink.close({"interventions": b.snapshot()})
+    run = dmi.open(str(tmp_path / "x.h5"))
+    assert len(calls) == 1 and run.complete
+    assert any("per-request ranges stopped" in e and "boom" in e for e in run.stats["errors"])
+    assert run.interventions["a"]["requests"] == {"x": [[0, 1]]}  # no /books: the close's full books
+
+
+def test_a_close_whose_last_commit_failed_keeps_the_newer_full_books(tmp_path):
+    import pytest
+
+    import dmi
+    from dmi.sinks.base import RunMeta
+    from dmi.sinks.hdf5 import HDF5Sink
+
+    b = _books()
+    sink = HDF5Sink(str(tmp_path / "x.h5"), flush_every_s=3600)
+    sink.stats_provider = lambda: {"interventions": b.snapshot(per_request=False)}
+    sink.books_provider = b.take_changes
+    sink.open(RunMeta(dmi_version=dmi.__version__, engine="test", model="none", model_config={}, spec_json="{}"))
+    b.record(0, ["x"], np.array([0, 0]), np.array([0, 1]))
+    sink.flush()  # /books: x [0, 2)
+    b.record(0, ["x"], np.array([0]), np.array([2]))
+
+    def full(*a):
+        raise OSError("disk full")
+
+    sink._flush_buffers = full
+    with pytest.raises(OSError):
+        sink.close({"interventions": b.snapshot()})
+    run = dmi.open(str(tmp_path / "x.h5"))
+    assert not run.complete
+    assert run.interventions["a"]["requests"] == {"x": [[0, 3]]}

@@ -309,7 +309,8 @@ class Run(RunViews):
                 e.setdefault("requests", {})
                 e.setdefault("failed", {})
         g = self.file.get("books")
-        if g is None:
+        stats = self.file.get("stats")
+        if g is None or (stats is not None and stats.attrs.get("books_in_json")):
             return
         try:
             n = self._committed(g.attrs, g["start"].shape[0])

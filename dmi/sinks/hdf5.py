@@ -19,7 +19,9 @@ Layout (format_version 1):
                       (intervention, reason, request) whose ranges changed since the last one:
                       intervention, reason (vlen str; "" applied), request (int32), start, stop,
                       commit (int64); for each (intervention, reason, request) the rows of its
-                      latest commit are its ranges. attrs: committed. Absent without interventions
+                      latest commit are its ranges. attrs: committed. Absent without interventions.
+                      A close whose last commit failed leaves the full books in /stats instead
+                      (its attr books_in_json), newer than /books
 
 Everything is resizable along axis 0 and appended chunk by chunk.
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -52,6 +55,8 @@ except ImportError:  # not on Windows
     resource = None
 
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+
+log = logging.getLogger("dmi")
 
 FORMAT = "dmi-hdf5"
 FORMAT_VERSION = 1
@@ -181,6 +186,7 @@ class HDF5Sink(Sink):
         self._last_requests: tuple[list[str], np.ndarray] | None = None
         self.copied_bytes = 0  # host copies of row bytes this sink makes (none: blocks are written as handed over)
         self._stages: dict[str, list] = {}  # per hook: [buffer, rows handed out] (staging(), drain thread)
+        self._books_error: str | None = None
         self._last_flush = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -239,8 +245,13 @@ class HDF5Sink(Sink):
             error = e
         try:
             grp = f.require_group("stats")
-            if "books" in f:  # the per-request ranges are in /books, up to date as of the commit above
-                stats = _without_ranges(stats)
+            if self._books_error is not None and isinstance(stats, dict):
+                stats = {**stats, "errors": [*stats.get("errors", []), self._books_error]}
+            if "books" in f:
+                if error is None:  # the per-request ranges are in /books, up to date as of the commit above
+                    stats = _without_ranges(stats)
+                else:  # the last commit failed: the full books here are newer than /books
+                    grp.attrs["books_in_json"] = True
             grp.attrs["json"] = _dumps(stats if stats is not None else {})
             f.attrs["complete"] = bool(complete) and error is None
             f.flush()
@@ -299,6 +310,8 @@ class HDF5Sink(Sink):
                 stats = provider()
             except Exception as e:  # the books are worth less than the commit: keep committing
                 stats = {"errors": [f"stats at commit failed: {type(e).__name__}: {e}"]}
+            if self._books_error is not None:
+                stats = {**stats, "errors": [*stats.get("errors", []), self._books_error]}
             f.require_group("stats").attrs["json"] = _dumps(stats)
         f.flush()
 
@@ -349,7 +362,13 @@ class HDF5Sink(Sink):
         """The interventions' per-request ranges that changed since the last commit (see the
         layout above): their rows, then the count a reader may trust, before the commit's own."""
         provider = self.books_provider
-        changes = provider() if provider is not None else None
+        try:
+            changes = provider() if provider is not None else None
+        except Exception as e:  # the ranges are worth less than the commit: keep committing, say so
+            self.books_provider = None
+            self._books_error = f"interventions' per-request ranges stopped at commit: {type(e).__name__}: {e}"
+            log.error("dmi: %s", self._books_error)
+            return
         if not changes:
             return
         f = self._require_open()
