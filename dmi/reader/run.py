@@ -309,8 +309,8 @@ class Run(RunViews):
                 e.setdefault("requests", {})
                 e.setdefault("failed", {})
         g = self.file.get("books")
-        stats = self.file.get("stats")
-        if g is None or (stats is not None and stats.attrs.get("books_in_json")):
+        grp = self.file.get("stats")
+        if g is None or (grp is not None and grp.attrs.get("books_in_json")):
             return
         try:
             n = self._committed(g.attrs, g["start"].shape[0])
@@ -327,23 +327,19 @@ class Run(RunViews):
                 if isinstance(entry, dict):
                     entry["books_error"] = f"per-request ranges unreadable: {e}"
             return
+        latest: dict[tuple[str, str, int], tuple[int, list]] = {}  # key -> (its latest commit, its rows there)
+        for k in range(n):
+            key, c = (names[k], reasons[k], int(req[k])), int(commit[k])
+            held = latest.get(key)
+            if held is None or c > held[0]:
+                held = latest[key] = (c, [])
+            if c == held[0]:
+                held[1].append([int(start[k]), int(stop[k])])
         ids = self.requests
-        latest: dict[tuple[str, str, int], int] = {}
-        for k in range(n):
-            key = (names[k], reasons[k], int(req[k]))
-            latest[key] = max(latest.get(key, 0), int(commit[k]))
-        cleared: set[tuple[str, str, int]] = set()
-        for k in range(n):
-            key = (names[k], reasons[k], int(req[k]))
-            if int(commit[k]) != latest[key]:
-                continue
-            entry = ivs.setdefault(key[0], {"requests": {}, "failed": {}})
-            rid = ids[key[2]] if 0 <= key[2] < len(ids) else str(key[2])
-            into = entry["requests"] if not key[1] else entry["failed"].setdefault(key[1], {})
-            if key not in cleared:  # the latest commit's rows replace what the JSON or earlier rows said
-                cleared.add(key)
-                into[rid] = []
-            into[rid].append([int(start[k]), int(stop[k])])
+        for (name, why, r), (_, ranges) in latest.items():
+            entry = ivs.setdefault(name, {"requests": {}, "failed": {}})
+            into = entry["requests"] if not why else entry["failed"].setdefault(why, {})
+            into[ids[r] if 0 <= r < len(ids) else str(r)] = ranges
 
     @_live
     def dtype(self, hook: str) -> str | None:

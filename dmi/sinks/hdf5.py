@@ -245,8 +245,7 @@ class HDF5Sink(Sink):
             error = e
         try:
             grp = f.require_group("stats")
-            if self._books_error is not None and isinstance(stats, dict):
-                stats = {**stats, "errors": [*stats.get("errors", []), self._books_error]}
+            stats = self._with_books_error(stats)
             if "books" in f:
                 if error is None:  # the per-request ranges are in /books, up to date as of the commit above
                     stats = _without_ranges(stats)
@@ -310,9 +309,7 @@ class HDF5Sink(Sink):
                 stats = provider()
             except Exception as e:  # the books are worth less than the commit: keep committing
                 stats = {"errors": [f"stats at commit failed: {type(e).__name__}: {e}"]}
-            if self._books_error is not None:
-                stats = {**stats, "errors": [*stats.get("errors", []), self._books_error]}
-            f.require_group("stats").attrs["json"] = _dumps(stats)
+            f.require_group("stats").attrs["json"] = _dumps(self._with_books_error(stats))
         f.flush()
 
     # -- rows --------------------------------------------------------------------------------
@@ -358,6 +355,11 @@ class HDF5Sink(Sink):
         st[1] = at + n
         return buf[at:at + n]
 
+    def _with_books_error(self, stats):
+        if self._books_error is None or not isinstance(stats, dict):
+            return stats
+        return {**stats, "errors": [*stats.get("errors", []), self._books_error]}
+
     def _append_books(self) -> None:
         """The interventions' per-request ranges that changed since the last commit (see the
         layout above): their rows, then the count a reader may trust, before the commit's own."""
@@ -381,19 +383,13 @@ class HDF5Sink(Sink):
         rows = [(name, why, rid, a, b) for name, why, rid, ranges in changes for a, b in ranges]
         req = self._map_requests([r[2] for r in rows])
         self._flush_requests()
-        n = len(rows)
-        start = g["start"].shape[0]
-        columns = {"intervention": np.array([r[0] for r in rows], dtype=object),
-                   "reason": np.array([r[1] for r in rows], dtype=object), "request": req,
-                   "start": np.array([r[3] for r in rows], dtype=np.int64),
-                   "stop": np.array([r[4] for r in rows], dtype=np.int64),
-                   "commit": np.full(n, int(f.attrs.get("commits", 0)) + 1, dtype=np.int64)}
-        for name, values in columns.items():
-            ds = g[name]
-            ds.resize((start + n,))
-            ds[start:] = values
+        stop = _append_columns(g, {"intervention": np.array([r[0] for r in rows], dtype=object),
+                                   "reason": np.array([r[1] for r in rows], dtype=object), "request": req,
+                                   "start": np.array([r[3] for r in rows], dtype=np.int64),
+                                   "stop": np.array([r[4] for r in rows], dtype=np.int64),
+                                   "commit": np.full(len(rows), int(f.attrs.get("commits", 0)) + 1, dtype=np.int64)})
         f.flush()  # phase 1: the rows are in the file before the count below says so
-        g.attrs["committed"] = start + n
+        g.attrs["committed"] = stop
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
@@ -403,19 +399,13 @@ class HDF5Sink(Sink):
             return
         req = self._map_requests(gaps.request)
         self._flush_requests()
-        g = f["gaps"]
-        start = g["request"].shape[0]
-        columns = {
+        _append_columns(f["gaps"], {
             "hook": np.full(n, gaps.hook, dtype=object),
             "request": req,
             "position": np.asarray(gaps.position, dtype=np.int64).reshape(n),
             "step": np.asarray(gaps.step, dtype=np.int64).reshape(n),
             "reason": np.full(n, gaps.reason, dtype=object),
-        }
-        for name, values in columns.items():
-            ds = g[name]
-            ds.resize((start + n,))
-            ds[start:] = values
+        })
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -652,6 +642,17 @@ def _adjacent(p: np.ndarray, d: np.ndarray) -> bool:
     return (base is not d and _owner(p) is base and base.flags.c_contiguous and p.flags.c_contiguous
             and d.flags.c_contiguous and p.dtype == d.dtype and p.shape[1:] == d.shape[1:]
             and _address(d) == _address(p) + p.nbytes)
+
+
+def _append_columns(group: h5py.Group, columns: dict[str, np.ndarray]) -> int:
+    """Append equal-length columns to a group's resizable datasets; returns the new length."""
+    start = group[next(iter(columns))].shape[0]
+    stop = start + len(next(iter(columns.values())))
+    for name, values in columns.items():
+        ds = group[name]
+        ds.resize((stop,))
+        ds[start:] = values
+    return stop
 
 
 def _without_ranges(stats: dict | None) -> dict | None:
