@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink, block_rows
+from dmi.sinks.pagecache import PageRelease, release_file
 from dmi.sinks.parquet_rows import RowsParquetWriter
 
 FORMAT = "dmi-dataset"
@@ -99,6 +100,7 @@ class _Hook:
     shard_rows: int = 0
     shard_bytes: int = 0
     pending: Any = None      # the future of its last row group handed to the encoder threads
+    pages: Any = None        # the open local shard's PageRelease (dmi.sinks.pagecache)
 
 
 # Rows are buffered per hook (by reference: a RowBlock is handed over) up to a row group of
@@ -116,7 +118,7 @@ class DatasetSink(Sink):
                  overwrite: bool = False, storage_options: dict[str, Any] | None = None,
                  compression: str | None = None, flush_every_s: float | None = None,
                  shard_format: str = "parquet", encode_threads: int | None = None,
-                 value_encoding: str = "list") -> None:
+                 value_encoding: str = "list", release_pages: bool = True) -> None:
         if not isinstance(path, str) or not path:
             raise _error("sink.path", f"a dataset sink needs a folder or URL, got {path!r}")
         if shard_bytes <= 0:
@@ -138,6 +140,7 @@ class DatasetSink(Sink):
             raise _error("sink.encode_threads", f"must be a number of threads >= 0 (0: encode on the sink thread), "
                                                 f"got {encode_threads!r}")
         self.encode_threads = encode_threads
+        self.release_pages = bool(release_pages)  # written pages go back to the kernel once on disk
         self._pool = None
         self._inflight: list = []
         self.overwrite = bool(overwrite)
@@ -303,6 +306,7 @@ class DatasetSink(Sink):
                 # Arrow's own file, not a Python one: every page write would otherwise cross
                 # into Python and take the GIL.
                 h.out = pa.OSFile(h.tmp, "wb")
+                h.pages = PageRelease(h.out.fileno, enabled=self.release_pages)
             else:
                 h.out = pa.BufferOutputStream()
             if RowsParquetWriter.takes(table.schema, self.compression):
@@ -310,6 +314,8 @@ class DatasetSink(Sink):
             else:
                 h.writer = pq.ParquetWriter(h.out, table.schema, **_PARQUET_OPTIONS, compression=self.compression)
         self._encode(h, table)
+        if h.pages is not None:
+            h.pages.wrote(int(table.nbytes))
         h.shard_rows += table.num_rows
         h.shard_bytes += int(table.nbytes)
         if h.shard_bytes >= self.shard_bytes:
@@ -353,7 +359,7 @@ class DatasetSink(Sink):
             raise
         name = f"{h.info.name}/rank{self.rank:05d}-{h.seq:06d}.parquet"
         writer, out, tmp, rows = h.writer, h.out, h.tmp, h.shard_rows
-        h.writer = h.out = h.tmp = None
+        h.writer = h.out = h.tmp = h.pages = None
         h.shard_rows = h.shard_bytes = 0
         h.seq += 1
         writer.close()
@@ -361,6 +367,7 @@ class DatasetSink(Sink):
             out.close()
             final = self._join(name)
             os.replace(tmp, final)
+            release_file(final, self.release_pages)
             nbytes = os.path.getsize(final)
             self.bytes_published += nbytes
         else:
@@ -377,7 +384,7 @@ class DatasetSink(Sink):
         except BaseException:  # noqa: BLE001  (already reported by whoever settled it first)
             pass
         writer, out, tmp = h.writer, h.out, h.tmp
-        h.writer = h.out = h.tmp = None
+        h.writer = h.out = h.tmp = h.pages = None
         h.shard_rows = h.shard_bytes = 0
         for fn in (writer.close, out.close):
             try:

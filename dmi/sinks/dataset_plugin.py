@@ -4,7 +4,7 @@ from __future__ import annotations
 from dmi.plugins import hookimpl
 
 FIELDS = ("kind", "path", "rank", "shard_bytes", "overwrite", "storage_options", "compression", "flush_every_s",
-          "shard_format", "encode_threads", "value_encoding")
+          "shard_format", "encode_threads", "value_encoding", "release_pages")
 
 
 @hookimpl

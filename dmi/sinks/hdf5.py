@@ -55,6 +55,7 @@ except ImportError:  # not on Windows
     resource = None
 
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
+from dmi.sinks.pagecache import PageRelease
 
 log = logging.getLogger("dmi")
 
@@ -171,7 +172,7 @@ class HDF5Sink(Sink):
     check_writable = staticmethod(check_writable)
 
     def __init__(self, path: str, chunk_bytes: int = 256 << 10, flush_every_s: float = 2.0,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, release_pages: bool = True) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
         self.path = os.fspath(Path(os.fspath(path)).expanduser())
@@ -179,6 +180,8 @@ class HDF5Sink(Sink):
         self.chunk_bytes = int(chunk_bytes)
         self.flush_every_s = float(flush_every_s)
         self._file: h5py.File | None = None
+        # written pages go back to the kernel once on disk (see dmi.sinks.pagecache)
+        self.pages = PageRelease(lambda: self._require_open().id.get_vfd_handle(), enabled=release_pages)
         self._hooks: dict[str, _HookWriter] = {}    # in the file (committed by _commit)
         self._staged: dict[str, _HookWriter] = {}   # seen, rows buffered, not in the file yet
         self._request_index: dict[str, int] = {}
@@ -602,6 +605,7 @@ class HDF5Sink(Sink):
             at += k
         hw.index_parts.append((req, pos, step))
         hw.rows = stop
+        self.pages.wrote(nbytes)
 
 
 # Bytes kept free for closing a file whose disk is full (stats, attributes, metadata flush).

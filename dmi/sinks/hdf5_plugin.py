@@ -5,6 +5,8 @@ import os
 
 from dmi.plugins import hookimpl
 
+FIELDS = ("kind", "path", "chunk_bytes", "flush_every_s", "overwrite", "release_pages")
+
 
 @hookimpl
 def dmi_sink_for(sink_spec):
@@ -13,6 +15,11 @@ def dmi_sink_for(sink_spec):
             return None
         path = sink_spec
     elif isinstance(sink_spec, dict) and sink_spec.get("kind") == "hdf5":
+        unknown = set(sink_spec) - set(FIELDS)
+        if unknown:
+            from dmi.errors import SpecError
+
+            raise SpecError("sink", f"unknown field(s) {sorted(unknown)} for the HDF5 sink; valid: {', '.join(FIELDS)}")
         path = sink_spec.get("path")
         if not isinstance(path, (str, os.PathLike)):
             from dmi.errors import SinkPathError
@@ -22,8 +29,7 @@ def dmi_sink_for(sink_spec):
         return None
     from .hdf5 import HDF5Sink
 
-    kwargs = {k: v for k, v in sink_spec.items() if k in ("chunk_bytes", "flush_every_s", "overwrite")} \
-        if isinstance(sink_spec, dict) else {}
+    kwargs = {k: v for k, v in sink_spec.items() if k not in ("kind", "path")} if isinstance(sink_spec, dict) else {}
     sink = HDF5Sink(path, **kwargs)
     _check_not_open_here(sink.path)  # first: an open reader is the likelier reason the path exists
     HDF5Sink.check_writable(path, overwrite=sink.overwrite)
