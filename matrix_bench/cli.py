@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names/presets, or a spec file")
     p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu",
                    help="off, dmi (overload=block), dmi-drop, dmi-null (armed, nothing kept), dmi-pause (drain.schedule "
-                        "pause), hf-hidden-states, "
+                        "pause), dmi-keep-pages (the file's written pages stay cached: release_pages false), "
+                        "hf-hidden-states, "
                         "hf-attentions, forward-hook-cpu, nnsight (if installed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ring-bytes", type=int, default=256 * 2**20)

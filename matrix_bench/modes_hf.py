@@ -12,7 +12,7 @@ import torch
 import dmi
 import dmi.plugins
 
-MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
          "nnsight", "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
          "steer-graphs")
 # *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
@@ -239,7 +239,7 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         session = dmi.attach(model, steer_spec(mode, model, ids.shape[0], ring_bytes))
         path = None
         ctx = contextlib.nullcontext()
-    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-graphs"):
+    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages", "dmi-graphs"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)
@@ -286,6 +286,8 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
 
 def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.CaptureSpec:
     """The spec of a dmi mode, for every engine."""
+    if mode == "dmi-keep-pages" and isinstance(sink, str):  # the file's written pages stay cached
+        sink = {"kind": "hdf5", "path": sink, "release_pages": False}
     return dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=sink,
                            overload="drop" if mode == "dmi-drop" else "block",
                            # dmi-null: capture points armed and called, every row filtered out
