@@ -5,9 +5,9 @@ hypervisor that reclaims guest memory left free (free page reporting, ballooning
 VMs), each fresh page costs a host fault: writing 100 MB into a new file took 200-300 ms of CPU
 on the 2-core CI VM, and it competes with the engine for its cores. Starting writeback early
 and dropping the pages once it finished keeps the file's page-cache footprint to a few MiB of
-pages the kernel hands straight back to the next write: the same 100 MB took 25-35 ms of CPU,
-kernel writeback included (docs/decisions.md, "Session 8"). A long run also stops evicting
-the rest of the machine's page cache.
+pages the kernel hands straight back to the next write: the same 100 MB took 24-35 ms of CPU
+(30-50 ms machine-wide, kernel writeback included; docs/decisions.md, "Session 8"). A long run
+also stops evicting the rest of the machine's page cache.
 
 Only clean pages are dropped, and nothing waits for the disk: `sync_file_range` with
 SYNC_FILE_RANGE_WRITE only starts writeback. Durability is unchanged (a commit was, and is,
