@@ -27,7 +27,8 @@ def markdown(rows: list[dict]) -> str:
     if any(x.get("cpu_s", float("nan")) == x.get("cpu_s") for c in cells.values() for xs in c.values() for x in xs):
         others = [m for m in modes if m != "off"]
         lines += ["", "CPU overhead (CPU seconds of the whole process, every thread, median of per-repeat ratios "
-                      "to `off`; unlike the wall clock, blind to other tenants of a shared machine; HF only):", "",
+                      "to `off` [quartiles]; unlike the wall clock, blind to other tenants of a shared machine; "
+                      "HF only):", "",
                   "| engine | batch | decode | " + " | ".join(others) + " |", "|" + "---|" * (3 + len(others))]
         for (engine, b, d), by_mode in sorted(cells.items()):
             lines.append(f"| {engine} | {b} | {d} | " + " | ".join(_overheads(by_mode, modes, "cpu_s")) + " |")
@@ -57,8 +58,20 @@ def _overheads(by_mode, modes, key: str) -> list[str]:
             continue
         ratios = [x[key] / off[x["repeat"]] - 1 for x in by_mode.get(m, [])
                   if off.get(x["repeat"]) and x.get(key) == x.get(key) and off[x["repeat"]] == off[x["repeat"]]]
-        out.append(f"{100 * statistics.median(ratios):+.1f}%" if ratios else "n/a")
+        out.append(_ratio_cell(ratios))
     return out
+
+
+def _ratio_cell(ratios: list[float]) -> str:
+    """The median, and from 4 repeats on the quartiles: on a noisy machine a cell's median
+    moves between runs by about the width of that range, which says how far to trust it."""
+    if not ratios:
+        return "n/a"
+    cell = f"{100 * statistics.median(ratios):+.1f}%"
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        cell += f" [{100 * q1:+.1f}, {100 * q3:+.1f}]"
+    return cell
 
 
 def _metric_table(cells, modes, title: str, key: str, scale: float, fmt: str) -> list[str]:

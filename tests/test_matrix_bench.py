@@ -102,3 +102,21 @@ def test_peak_rss_sees_a_peak_inside_the_block_and_none_from_before(monkeypatch)
         time.sleep(0.05)
         del a
     assert sampled.peak - quiet.peak > 80 << 20
+
+
+def test_overhead_cells_give_the_median_and_quartiles_of_per_repeat_ratios():
+    import numpy as np
+
+    off = [1.0, 2.0, 1.0, 4.0, 1.0, 1.5, 2.0]          # a drifting machine: off itself varies 4x
+    dmi = [1.1, 2.6, 1.05, 4.8, 1.3, 1.5, 2.2]
+    rows = [dict(engine="hf", mode=m, batch=1, decode_len=4, prompt_len=4, repeat=r, seconds=s,
+                 tokens_per_s=4 / s, step_ms=1.0, bytes_captured=0, rows_dropped=0, close_s=0.0, peak_mem=0,
+                 status="ok", cpu_s=float("nan"))
+            for m, secs in (("off", off), ("dmi", dmi)) for r, s in enumerate(secs)]
+    ratios = np.array(dmi) / np.array(off) - 1           # paired by repeat, not medians of each mode
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    line = next(l for l in markdown(rows).splitlines() if l.startswith("| hf | 1 | 4 |"))
+    assert line.rstrip(" |").endswith(f"{100 * med:+.1f}% [{100 * q1:+.1f}, {100 * q3:+.1f}]"), line
+    # fewer than 4 repeats: the median alone
+    line = next(l for l in markdown([r for r in rows if r["repeat"] < 3]).splitlines() if l.startswith("| hf |"))
+    assert line.rstrip(" |").endswith(f"{100 * np.median(ratios[:3]):+.1f}%"), line
