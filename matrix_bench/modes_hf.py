@@ -206,7 +206,7 @@ class _SlowSinkPlugin:
                 time.sleep(delay)
                 super().write(block)
 
-        return SlowHDF5Sink(sink_spec["path"])
+        return SlowHDF5Sink(sink_spec["path"], release_pages=sink_spec.get("release_pages", True))
 
 
 _slow_registered = False
@@ -286,8 +286,8 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
 
 def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.CaptureSpec:
     """The spec of a dmi mode, for every engine."""
-    if mode == "dmi-keep-pages" and isinstance(sink, str):  # the file's written pages stay cached
-        sink = {"kind": "hdf5", "path": sink, "release_pages": False}
+    if mode == "dmi-keep-pages":  # the file's written pages stay cached, behind a slow sink too
+        sink = {**({"kind": "hdf5", "path": sink} if isinstance(sink, str) else sink), "release_pages": False}
     return dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=sink,
                            overload="drop" if mode == "dmi-drop" else "block",
                            # dmi-null: capture points armed and called, every row filtered out

@@ -120,3 +120,15 @@ def test_overhead_cells_give_the_median_and_quartiles_of_per_repeat_ratios():
     # fewer than 4 repeats: the median alone
     line = next(l for l in markdown([r for r in rows if r["repeat"] < 3]).splitlines() if l.startswith("| hf |"))
     assert line.rstrip(" |").endswith(f"{100 * np.median(ratios[:3]):+.1f}%"), line
+
+
+def test_keep_pages_mode_reaches_the_sink_also_behind_a_slow_sink(tmp_path):
+    import dmi
+    from matrix_bench.modes_hf import _sink, capture_spec
+
+    for delay in (0.0, 0.001):
+        spec = capture_spec("dmi-keep-pages", ["blocks.0.hook_resid_post"], 1 << 20, _sink(str(tmp_path / "k.h5"), delay))
+        sink = dmi.plugins.sink_for(spec.sink)
+        assert not sink.pages.enabled, delay
+        spec = capture_spec("dmi", ["blocks.0.hook_resid_post"], 1 << 20, _sink(str(tmp_path / "d.h5"), delay))
+        assert dmi.plugins.sink_for(spec.sink).pages.enabled == dmi.sinks.pagecache.supported(), delay
