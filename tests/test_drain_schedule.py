@@ -14,11 +14,20 @@ import dmi
 from dmi.ring.frames import FrameRing, Marker
 
 
+class Step(int):
+    """A sealed step of `nbytes` ring bytes (what the stream schedule counts)."""
+
+    def __new__(cls, k: int, nbytes: int = 0):
+        obj = super().__new__(cls, k)
+        obj.nbytes = nbytes
+        return obj
+
+
 class Producer:
     """Puts an item every `every` seconds for `seconds`, from its own thread, like an engine's steps."""
 
-    def __init__(self, ring: FrameRing, every: float, seconds: float):
-        self.ring, self.every, self.seconds = ring, every, seconds
+    def __init__(self, ring: FrameRing, every: float, seconds: float, nbytes: int = 0):
+        self.ring, self.every, self.seconds, self.nbytes = ring, every, seconds, nbytes
         self.started = self.stopped = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -26,7 +35,7 @@ class Producer:
         self.started = time.monotonic()
         k = 0
         while time.monotonic() - self.started < self.seconds:
-            self.ring.put(k)
+            self.ring.put(Step(k, self.nbytes))
             k += 1
             time.sleep(self.every)
         self.stopped = time.monotonic()
@@ -93,11 +102,30 @@ def test_a_marker_is_taken_at_once_under_either_schedule():
 
 
 def test_stream_schedule_moves_frames_while_the_engine_runs():
-    ring = FrameRing(pause=False, period=0.1)
-    with Producer(ring, every=0.01, seconds=1.0) as p:
+    ring = FrameRing(pause=False, period=0.1, batch_bytes=1 << 20)
+    with Producer(ring, every=0.01, seconds=1.0, nbytes=256 << 10) as p:  # a batch's worth every 0.04 s
         takes = _takes(ring, time.monotonic() + 1.3)
     during = [t for t, _ in takes if t < p.stopped]
-    assert len(during) >= 5
+    assert 5 <= len(during) <= 12, len(during)  # every period, not every batch's worth of bytes
+
+
+def test_stream_schedule_lets_a_trickle_of_small_steps_make_a_batch():
+    """Steps of a few KiB (batch 1) wait past the period until batch_bytes or max_period, so a
+    take's fixed costs are paid for many steps; a step that completes the batch ends the wait."""
+    ring = FrameRing(pause=False, period=0.1, batch_bytes=1 << 20, max_period=0.5)
+    with Producer(ring, every=0.01, seconds=1.6, nbytes=4 << 10) as p:  # ~0.4 MiB a second
+        takes = _takes(ring, time.monotonic() + 2.0)
+    items = [i for _, b in takes for i in b]
+    assert items == list(range(len(items)))
+    during = [t for t, _ in takes if t < p.stopped]
+    assert 2 <= len(during) <= 4, len(during)  # about every max_period, not every period
+    assert (np.diff([p.started, *during]) >= 0.4).all()
+    ring = FrameRing(pause=False, period=0.1, batch_bytes=1 << 20, max_period=5.0)
+    with Producer(ring, every=0.01, seconds=1.0, nbytes=64 << 10) as p:  # a batch every ~0.16 s
+        takes = _takes(ring, time.monotonic() + 1.2)
+    during = [(t, b) for t, b in takes if t < p.stopped]
+    assert 3 <= len(during) <= 8, len(during)
+    assert all(sum(i.nbytes for i in b) >= 1 << 20 for _, b in during[:-1])
 
 
 @pytest.mark.parametrize("drain, pause", [({}, False), ({"schedule": "stream"}, False),

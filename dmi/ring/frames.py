@@ -22,15 +22,23 @@ class Marker:
 _PAUSE_STEPS = 3.0
 _MIN_PAUSE_S = 0.05
 _MAX_PAUSE_S = 0.5
+# Streaming: a batch the drain takes should hold at least this many ring bytes, however long
+# that takes up to `max_period`. Each take costs a wake-up, a gather and a sink call per hook
+# (several hundred us of Python and h5py) whatever it moves, on the cores the engine uses; at
+# batch 1 a 0.1 s period moved ~0.4 MB a take, so those fixed costs were most of the drain's
+# and the sink's work (docs/decisions.md, "Session 9").
+_BATCH_BYTES = 2 << 20
 
 
 class FrameRing:
     """A bounded FIFO of sealed frames, gap records and markers.
 
     When the drain takes what is pending (`take_all`) is the drain schedule (`drain.schedule`):
-    - streaming (`pause=False`, the default): one `period` after the first item arrived, so it
+    - streaming (`pause=False`, the default): one `period` after the first item arrived, or
+      later, once `batch_bytes` of frames are pending or the oldest is `max_period` old, so it
       runs at most ten times a second whatever the step rate, each time moving many steps at
-      once, and not at all while idle;
+      once (a slow trickle of small steps waits to make a batch worth its fixed costs), and
+      not at all while idle;
     - at pauses (`pause=True`): once the engine stops producing frames for a few step
       intervals (the end of a generate, a server between batches), or the oldest pending item
       is `max_delay` seconds old. On a CPU engine the drain and sink threads share the cores
@@ -43,12 +51,15 @@ class FrameRing:
     """
 
     def __init__(self, capacity: int = 4096, alive=lambda: True, period: float = 0.1, pause: bool = False,
-                 max_delay: float = 5.0):
+                 max_delay: float = 5.0, batch_bytes: int = _BATCH_BYTES, max_period: float = 1.0):
         self.capacity = capacity
         self.alive = alive
         self.period = period
         self.pause = pause
         self.max_delay = max_delay
+        self.batch_bytes = batch_bytes
+        self.max_period = max(max_period, period)
+        self._pending = 0      # ring bytes of the pending frames
         self._items: deque = deque()
         self._cv = threading.Condition()
         self._urgent = False
@@ -70,6 +81,8 @@ class FrameRing:
                 self._interval = gap if not self._interval else 0.8 * self._interval + 0.2 * gap
             self._last = now
             self._items.append(item)
+            nbytes = getattr(item, "nbytes", 0)
+            self._pending += nbytes
             if len(self._items) == 1:
                 self._first = now
             if urgent or len(self._items) >= self.capacity // 2:
@@ -77,6 +90,8 @@ class FrameRing:
                 self._cv.notify_all()
             elif len(self._items) == 1:
                 self._cv.notify_all()  # the drain sleeps while nothing is pending: start its clock
+            elif self._pending >= self.batch_bytes > self._pending - nbytes:
+                self._cv.notify_all()  # a batch's worth: the drain may be waiting past its period for it
             return True
 
     def wake(self) -> None:
@@ -94,9 +109,13 @@ class FrameRing:
                 self._await_pause()
             elif not self._urgent:  # let a period's steps gather, so they move in one go
                 self._cv.wait_for(lambda: self._urgent, self.period)
+                if self._items and self._pending < self.batch_bytes:
+                    left = self._first + self.max_period - time.monotonic()
+                    self._cv.wait_for(lambda: self._urgent or self._pending >= self.batch_bytes, max(left, 0.0))
             self._urgent = False
             items = list(self._items)
             self._items.clear()
+            self._pending = 0
             self._cv.notify_all()
             return items
 

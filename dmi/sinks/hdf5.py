@@ -54,6 +54,7 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+from dmi.sinks import h5append
 from dmi.sinks.base import GapBlock, HookInfo, RowBlock, RunMeta, Sink
 from dmi.sinks.pagecache import PageRelease
 
@@ -191,6 +192,8 @@ class HDF5Sink(Sink):
         self._stages: dict[str, list] = {}  # per hook: [buffer, rows handed out] (staging(), drain thread)
         self._books_error: str | None = None
         self._last_flush = time.monotonic()
+        self._commits = 0
+        self._dirty = False  # written since the last commit: close() commits again only then
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class HDF5Sink(Sink):
             f.attrs["commits"] = 0
             f.flush()
             self._file = f
+            self._commits = 0
             self._commit()
         except BaseException:
             f.close()
@@ -242,8 +246,9 @@ class HDF5Sink(Sink):
         error: BaseException | None = None
         try:
             self._flush_buffers()
-            f.flush()
-            self._commit()
+            # the drain's stop marker committed just before: a second commit with nothing
+            # new in it would cost a close several file flushes for nothing
+            self._commit(only_if_changed=True)
         except BaseException as e:
             error = e
         try:
@@ -268,8 +273,7 @@ class HDF5Sink(Sink):
         f = self._require_open()
         self._check_still_there()
         self._flush_buffers()
-        f.flush()          # phase 1: the rows are in the file
-        self._commit()     # phase 2: say so
+        self._commit()     # phase 1, the rows are in the file; phase 2, say so
         self._last_flush = time.monotonic()
 
     def _ensure_room(self, nbytes: int) -> None:
@@ -295,14 +299,20 @@ class HDF5Sink(Sink):
         if inode != self._inode:
             raise OSError(f"the output file {self.path!r} was removed or replaced while capturing")
 
-    def _commit(self) -> None:
+    def _commit(self, only_if_changed: bool = False) -> None:
         f = self._require_open()
-        self._append_books()
+        if self._dirty:
+            f.flush()  # phase 1: the rows are in the file before the counters below say so
+        if not self._append_books() and only_if_changed and not self._dirty:
+            return
+        self._dirty = False
         for hw in self._hooks.values():
-            hw.group.attrs["committed"] = hw.rows
-        f["gaps"].attrs["committed"] = f["gaps"]["request"].shape[0]
-        f.attrs["committed_requests"] = f["requests"].shape[0]
-        f.attrs["commits"] = int(f.attrs.get("commits", 0)) + 1
+            h5append.set_int(hw.group, "committed", hw.rows)
+        gaps = f["gaps"]
+        h5append.set_int(gaps, "committed", gaps["request"].id.shape[0])
+        h5append.set_int(f, "committed_requests", f["requests"].id.shape[0])
+        self._commits += 1
+        h5append.set_int(f, "commits", self._commits)
         f.attrs["committed_at"] = datetime.now(timezone.utc).isoformat()
         # The books as of this commit, so a run that never reaches close() (killed, crashed)
         # still has them; close() overwrites them with the final ones.
@@ -363,9 +373,10 @@ class HDF5Sink(Sink):
             return stats
         return {**stats, "errors": [*stats.get("errors", []), self._books_error]}
 
-    def _append_books(self) -> None:
+    def _append_books(self) -> bool:
         """The interventions' per-request ranges that changed since the last commit (see the
-        layout above): their rows, then the count a reader may trust, before the commit's own."""
+        layout above): their rows, then the count a reader may trust, before the commit's own.
+        Returns whether there were any."""
         provider = self.books_provider
         try:
             changes = provider() if provider is not None else None
@@ -373,9 +384,9 @@ class HDF5Sink(Sink):
             self.books_provider = None
             self._books_error = f"interventions' per-request ranges stopped at commit: {type(e).__name__}: {e}"
             log.error("dmi: %s", self._books_error)
-            return
+            return True
         if not changes:
-            return
+            return False
         f = self._require_open()
         g = f.get("books")
         if g is None:
@@ -390,9 +401,10 @@ class HDF5Sink(Sink):
                                    "reason": np.array([r[1] for r in rows], dtype=object), "request": req,
                                    "start": np.array([r[3] for r in rows], dtype=np.int64),
                                    "stop": np.array([r[4] for r in rows], dtype=np.int64),
-                                   "commit": np.full(len(rows), int(f.attrs.get("commits", 0)) + 1, dtype=np.int64)})
+                                   "commit": np.full(len(rows), self._commits + 1, dtype=np.int64)})
         f.flush()  # phase 1: the rows are in the file before the count below says so
         g.attrs["committed"] = stop
+        return True
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
@@ -402,6 +414,7 @@ class HDF5Sink(Sink):
             return
         req = self._map_requests(gaps.request)
         self._flush_requests()
+        self._dirty = True
         _append_columns(f["gaps"], {
             "hook": np.full(n, gaps.hook, dtype=object),
             "request": req,
@@ -545,6 +558,7 @@ class HDF5Sink(Sink):
         ds.resize((start + len(new),))
         ds[start:] = np.array(new, dtype=object)
         self._pending_requests = []
+        self._dirty = True
 
     def _flush_buffers(self) -> None:
         self._flush_requests()
@@ -560,8 +574,8 @@ class HDF5Sink(Sink):
         parts, hw.index_parts = hw.index_parts, []
         start, stop = hw.indexed, hw.indexed + sum(len(p[0]) for p in parts)
         for k, ds in enumerate((hw.request, hw.position, hw.step)):
-            ds.resize((stop,))
-            ds[start:stop] = parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
+            h5append.grow(ds, stop)
+            h5append.put(ds, start, parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts]))
         hw.indexed = stop
 
     def _append(self, hw: _HookWriter) -> None:
@@ -593,7 +607,8 @@ class HDF5Sink(Sink):
             else:
                 hw.data.resize(stop, axis=0)
         else:
-            hw.data.resize(stop, axis=0)
+            h5append.grow(hw.data, stop)
+        self._dirty = True
         at = start
         for d in datas if hw.ragged else _coalesce(datas):
             k = d.shape[0]
@@ -601,7 +616,7 @@ class HDF5Sink(Sink):
                 # Narrower rows leave the tail at the fill value 0, which is the padding we want.
                 hw.data[at:at + k, ..., :d.shape[-1]] = d
             else:
-                hw.data[at:at + k] = d
+                h5append.put(hw.data, at, d)
             at += k
         hw.index_parts.append((req, pos, step))
         hw.rows = stop
