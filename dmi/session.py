@@ -75,7 +75,10 @@ class Session:
         name, config = adapter.describe()
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
-        self.frames = FrameRing(pause=spec.drain.schedule == "pause", max_delay=spec.drain.max_delay_s)
+        # rows never wait in the ring for a batch longer than the sink's own commit interval
+        every = getattr(sink, "flush_every_s", None) or 1.0
+        self.frames = FrameRing(pause=spec.drain.schedule == "pause", max_delay=spec.drain.max_delay_s,
+                                max_period=min(1.0, float(every)))
         self.overload = Overload(spec, self.ring, self.acct, wake=self.frames.wake)
         self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
                                self.overload, self.ring.buffer.device, self.fallback_hooks)

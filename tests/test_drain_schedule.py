@@ -135,6 +135,15 @@ def test_a_session_takes_the_schedule_asked(load, tmp_path, drain, pause):
     spec = dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"], sink=str(tmp_path / "r.h5"), drain=drain)
     with dmi.attach(model, spec) as s:
         assert s.frames.pause is pause and s.frames.max_delay == drain.get("max_delay_s", 5.0)
+        assert s.frames.max_period == 1.0
+
+
+def test_a_stream_batch_waits_no_longer_than_the_sinks_commit_interval(load, tmp_path):
+    model = load("qwen3")
+    spec = dmi.CaptureSpec(hooks=["blocks.0.hook_resid_post"],
+                           sink={"kind": "hdf5", "path": str(tmp_path / "r.h5"), "flush_every_s": 0.2})
+    with dmi.attach(model, spec) as s:
+        assert s.frames.max_period == 0.2
 
 
 def test_rows_of_a_generate_reach_a_live_reader_once_the_engine_pauses(load, tmp_path):
