@@ -81,7 +81,7 @@ class FrameRing:
                 self._interval = gap if not self._interval else 0.8 * self._interval + 0.2 * gap
             self._last = now
             self._items.append(item)
-            nbytes = getattr(item, "nbytes", 0)
+            nbytes = _ring_bytes(item)
             self._pending += nbytes
             if len(self._items) == 1:
                 self._first = now
@@ -133,3 +133,9 @@ class FrameRing:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _ring_bytes(item) -> int:
+    """Ring bytes a pending item holds: a frame's planned rows and its eager-only slots."""
+    ranges = getattr(item, "ranges", None)
+    return sum(n for _, n in ranges()) if ranges is not None else getattr(item, "nbytes", 0)

@@ -27,14 +27,6 @@ def put(ds, start: int, rows: np.ndarray) -> None:
     ds.id.write(h5s.create_simple(rows.shape), space, rows)
 
 
-def append(ds, rows: np.ndarray) -> int:
-    """Append `rows` at the end of a dataset; returns its new length."""
-    start = ds.id.shape[0]
-    grow(ds, start + len(rows))
-    put(ds, start, rows)
-    return start + len(rows)
-
-
 def set_int(obj, name: str, value: int) -> None:
     """Overwrite an existing integer attribute in place (creating it if absent)."""
     key = name.encode()
