@@ -484,3 +484,53 @@ def test_blocks_gathered_into_staging_are_written_exactly(tmp_path):
     got = run.get(BF16.name, "r")
     want = torch.from_numpy(np.concatenate(expected[BF16.name]).view(np.int16)).view(torch.bfloat16)
     assert torch.equal(torch.as_tensor(got).view(torch.int16), want.view(torch.int16))
+
+
+def test_close_commits_again_only_what_is_new(tmp_path: Path) -> None:
+    """The drain commits at its stop marker just before close(): close adds a commit only when
+    something came after it, and either way the file ends complete with every row."""
+    for late in (False, True):
+        path = tmp_path / f"close-{late}.h5"
+        sink = HDF5Sink(str(path), chunk_bytes=1 << 24)
+        sink.open(make_meta())
+        sink.write(RowBlock(F32, np.ones((3, 8), np.float32), ["r"] * 3, np.arange(3), np.zeros(3)))
+        sink.flush()
+        if late:
+            sink.write(RowBlock(F32, np.full((2, 8), 2.0, np.float32), ["s"] * 2, np.arange(2), np.ones(2)))
+        sink.close({"rows": 5 if late else 3})
+        with h5py.File(path, "r") as f:
+            assert f.attrs["complete"] and f.attrs["commits"] == (3 if late else 2)  # open, flush[, close]
+            g = f["hooks"][F32.name]
+            n = 5 if late else 3
+            assert g.attrs["committed"] == n and g["data"].shape == (n, 8)
+            assert f.attrs["committed_requests"] == (2 if late else 1)
+        with open_run(path) as run:
+            assert run.requests == (["r", "s"] if late else ["r"])
+            assert torch.equal(run.get(F32.name, "r"), torch.ones(3, 8))
+            if late:
+                assert torch.equal(run.get(F32.name, "s"), torch.full((2, 8), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16, np.int64, np.int32, np.bool_])
+def test_low_level_appends_equal_h5py_slicing(tmp_path: Path, dtype) -> None:
+    """h5append's set_extent and hyperslab writes give what h5py's resize and slice assignment
+    give, for every dtype a hook stores, multi-dim rows, and strided (non-contiguous) input."""
+    from dmi.sinks import h5append
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((7, 3, 4)) * 50).astype(dtype)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        a = f.create_dataset("a", shape=(0, 3, 4), maxshape=(None, 3, 4), dtype=dtype, chunks=(4, 3, 4))
+        b = f.create_dataset("b", shape=(0, 3, 4), maxshape=(None, 3, 4), dtype=dtype, chunks=(4, 3, 4))
+        at = 0
+        for part in (rows[:2], rows[2:3], rows[3:][::-1][::-1], rows[::2][1:3]):  # the last is strided
+            h5append.grow(a, at + len(part))
+            h5append.put(a, at, part)
+            b.resize(at + len(part), axis=0)
+            b[at:at + len(part)] = part
+            at += len(part)
+        assert a.shape == b.shape == (at, 3, 4)
+        assert a.dtype == b.dtype and np.array_equal(a[:], b[:])
+        h5append.set_int(a, "committed", 5)
+        h5append.set_int(a, "committed", 6)  # overwritten in place
+        assert a.attrs["committed"] == 6
