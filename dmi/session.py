@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dmi import __version__
-from dmi.drain import Drain
+from dmi.drain import Drain, commit_interval
 from dmi.errors import RingTooSmallError, SessionStateError, SpecError
 from dmi.kernels.capture_op import CTRL_WIDTH, eager as eager_kernel
 from dmi.plan import TOKENS, Frame, Planner, RowTable
@@ -76,9 +76,8 @@ class Session:
         self.ring = PayloadRing(spec.ring.bytes, device=adapter.device)
         self._on_gpu = self.ring.buffer.device.type == "cuda"
         # rows never wait in the ring for a batch longer than the sink's own commit interval
-        every = getattr(sink, "flush_every_s", None) or 1.0
         self.frames = FrameRing(pause=spec.drain.schedule == "pause", max_delay=spec.drain.max_delay_s,
-                                max_period=min(1.0, float(every)))
+                                max_period=min(1.0, commit_interval(sink)))
         self.overload = Overload(spec, self.ring, self.acct, wake=self.frames.wake)
         self.planner = Planner(self.bindings, RowFilter(spec, predicate=_predicate(spec.requests.predicate)),
                                self.overload, self.ring.buffer.device, self.fallback_hooks)

@@ -125,8 +125,9 @@ class RingSpec(_Strict):
 class DrainSpec(_Strict):
     """When the drain thread moves sealed steps from the ring to the sink (dmi/ring/frames.py)."""
 
-    # stream: every 0.1 s while steps arrive (up to 1 s while under 2 MiB came); pause: once the engine pauses (the end of a
-    # generate, a server between batches), the ring is half full, or the oldest step waited
+    # stream: every 0.1 s while steps arrive (up to 1 s while under 2 MiB came); pause: once
+    # the engine pauses (the end of a generate, a server between batches), the ring is half
+    # full, or the oldest step waited
     # max_delay_s (docs/decisions.md, "Drain schedule": on this project's 2-core CPU machine
     # neither was faster beyond the noise, so the default stays the one measured longest).
     schedule: Literal["stream", "pause"] = "stream"

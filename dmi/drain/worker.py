@@ -50,6 +50,12 @@ def compact_pattern(rows: np.ndarray, table, src: np.ndarray) -> np.ndarray:
     return out
 
 
+def commit_interval(sink: Sink) -> float:
+    """How often the sink thread commits while rows keep coming or the engine idles: the
+    sink's own `flush_every_s` (2 s when it has none), at least 0.05 s."""
+    return max(float(getattr(sink, "flush_every_s", 2.0) or 2.0), 0.05)
+
+
 class _Batch(list):
     """Row and gap blocks of whole frames, for the sink; `whole`: its last frame ended a step."""
 
@@ -324,7 +330,7 @@ class Drain:
     def _sink_loop(self) -> None:
         # An engine that goes idle (a server between requests) must not leave rows written but
         # uncommitted: after this long with nothing new, the sink commits what it has.
-        every = max(float(getattr(self.sink, "flush_every_s", 2.0) or 2.0), 0.05)
+        every = commit_interval(self.sink)
         last = time.monotonic()
         dirty = False
         while True:

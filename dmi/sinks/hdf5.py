@@ -301,11 +301,14 @@ class HDF5Sink(Sink):
 
     def _commit(self, only_if_changed: bool = False) -> None:
         f = self._require_open()
-        if self._dirty:
-            f.flush()  # phase 1: the rows are in the file before the counters below say so
-        if not self._append_books() and only_if_changed and not self._dirty:
+        books = self._append_books()
+        if books is None and only_if_changed and not self._dirty:
             return
+        if self._dirty or books is not None:
+            f.flush()  # phase 1: the rows are in the file before the counters below say so
         self._dirty = False
+        if books is not None:
+            books[0].attrs["committed"] = books[1]
         for hw in self._hooks.values():
             h5append.set_int(hw.group, "committed", hw.rows)
         gaps = f["gaps"]
@@ -373,10 +376,10 @@ class HDF5Sink(Sink):
             return stats
         return {**stats, "errors": [*stats.get("errors", []), self._books_error]}
 
-    def _append_books(self) -> bool:
+    def _append_books(self) -> tuple[h5py.Group, int] | None:
         """The interventions' per-request ranges that changed since the last commit (see the
-        layout above): their rows, then the count a reader may trust, before the commit's own.
-        Returns whether there were any."""
+        layout above), appended: returns their group and the row count a reader may trust once
+        the commit's phase 1 has flushed them, or None when nothing changed."""
         provider = self.books_provider
         try:
             changes = provider() if provider is not None else None
@@ -384,9 +387,9 @@ class HDF5Sink(Sink):
             self.books_provider = None
             self._books_error = f"interventions' per-request ranges stopped at commit: {type(e).__name__}: {e}"
             log.error("dmi: %s", self._books_error)
-            return True
+            return None
         if not changes:
-            return False
+            return None
         f = self._require_open()
         g = f.get("books")
         if g is None:
@@ -402,9 +405,7 @@ class HDF5Sink(Sink):
                                    "start": np.array([r[3] for r in rows], dtype=np.int64),
                                    "stop": np.array([r[4] for r in rows], dtype=np.int64),
                                    "commit": np.full(len(rows), self._commits + 1, dtype=np.int64)})
-        f.flush()  # phase 1: the rows are in the file before the count below says so
-        g.attrs["committed"] = stop
-        return True
+        return g, stop
 
     def write_gaps(self, gaps: GapBlock) -> None:
         f = self._require_open()
