@@ -421,7 +421,7 @@ class _Committing:
 def _channels(run, sessions):
     from dmi.serve.engine import ServeChannel
 
-    return [ServeChannel(s, run, rank, len(sessions)) for rank, s in enumerate(sessions)]
+    return [ServeChannel(s, run, rank, len(sessions), served=True) for rank, s in enumerate(sessions)]
 
 
 def test_a_served_flush_waits_for_this_runs_ranks_only(tmp_path):

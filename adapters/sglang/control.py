@@ -171,7 +171,8 @@ def open_session(spec_json: str, at_start: bool = False, scheduler=None, family:
     # Every rank watches the front end (and closes when it dies) and answers served flushes
     # for its own file.
     _STATE.update(adapter=adapter, session=session, armed_at_start=at_start,
-                  channel=ServeChannel(session, run_path(spec.sink), rank, tp_size))
+                  channel=ServeChannel(session, run_path(spec.sink), rank, tp_size,
+                                         served=bool(os.environ.get(ENV_SERVED))))
     log.info("dmi: capturing %d hooks into %s", len(session.names), spec.sink)
     return {"hooks": session.names, "rank": rank}
 

@@ -340,7 +340,7 @@ def open_session(worker, spec_json: str, family: str | None = None, served: bool
     from dmi.serve.engine import ServeChannel, run_path
 
     # Every rank answers served flushes for its own file and stops if the front end dies.
-    _CHANNELS[id(worker)] = ServeChannel(session, run_path(spec.sink), rank, tp_size)
+    _CHANNELS[id(worker)] = ServeChannel(session, run_path(spec.sink), rank, tp_size, served)
     return json.dumps({"hooks": session.names, "rank": adapter.tp_rank})
 
 

@@ -147,10 +147,15 @@ class RequestTable:
 
 
 class ServeChannel:
+    # A served engine answers a response's flush within a poll. An engine a script drives
+    # (vllm.LLM, sglang.Engine) flushes through its RPC instead, so its thread wakes only to
+    # watch the front end: in an in-process engine every wake-up takes the GIL from the engine.
     POLL_S = 0.02
+    IDLE_POLL_S = 0.25
 
-    def __init__(self, session, run_path: str | None, rank: int = 0, tp_size: int = 1):
+    def __init__(self, session, run_path: str | None, rank: int = 0, tp_size: int = 1, served: bool = False):
         self.session = session
+        self.poll_s = self.POLL_S if served else self.IDLE_POLL_S
         self.tp_size = int(tp_size)
         self.req = f"{run_path}.dmi-flush" if run_path else None
         self.ack = ack_path(run_path, rank) if run_path else None
@@ -165,7 +170,7 @@ class ServeChannel:
 
     def _run(self) -> None:
         last_check = 0.0
-        while not self._stop.wait(self.POLL_S):
+        while not self._stop.wait(self.poll_s):
             if self.session.closed:
                 return
             if self.req is not None:
