@@ -130,7 +130,8 @@ def _nnsight_generate(model, kwargs: dict, decode_len: int) -> None:
 
         from dmi.tiny import build_byte_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(build_byte_tokenizer(tempfile.mkdtemp(prefix="dmi-bench-tok-")))
+        with tempfile.TemporaryDirectory(prefix="dmi-bench-tok-") as d:  # loaded whole: the folder can go
+            tok = AutoTokenizer.from_pretrained(build_byte_tokenizer(d))
         nm = _NNSIGHT[id(model)] = TransformersModel(model, tokenizer=tok)
     ids = kwargs.pop("input_ids")
     with nm.generate(ids, **kwargs) as tracer:
