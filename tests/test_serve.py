@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -442,3 +443,23 @@ def test_a_served_flush_waits_for_this_runs_ranks_only(tmp_path):
         finally:
             for c in channels:
                 c.stop()
+
+
+def test_a_session_a_script_drives_still_answers_a_served_flush(tmp_path):
+    """Its serve thread polls slowly (its own flushes go through the engine's RPC), yet a
+    served flush of its file is still answered, within a poll or two; a stuck session is not
+    reported flushed."""
+    from dmi.serve.engine import ServeChannel
+    from dmi.serve.results import flush
+
+    run = str(tmp_path / "run.h5")
+    for session, ok in ((_Committing(), True), (_Committing(answers=False), False)):
+        channel = ServeChannel(session, run, served=False)
+        try:
+            assert channel.poll_s == ServeChannel.IDLE_POLL_S > ServeChannel.POLL_S
+            t0 = time.monotonic()
+            assert flush(run, timeout=5.0 if ok else 1.0) is ok
+            if ok:
+                assert time.monotonic() - t0 < 3 * ServeChannel.IDLE_POLL_S + 0.5
+        finally:
+            channel.stop()
