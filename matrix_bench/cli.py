@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--hooks", default=DEFAULT_HOOKS, help="comma-separated hook names/presets, or a spec file")
     p.add_argument("--modes", default="off,dmi,dmi-null,hf-hidden-states,forward-hook-cpu",
-                   help="off, dmi (overload=block), dmi-drop, dmi-null (armed, nothing kept), dmi-pause (drain.schedule "
+                   help="off, dmi (overload=block), dmi-drop, dmi-null (armed, nothing kept), dmi-discard (everything but "
+                        "the sink: rows drained and dropped; HF and vLLM), dmi-pause (drain.schedule "
                         "pause), dmi-keep-pages (the file's written pages stay cached: release_pages false), "
                         "hf-hidden-states, "
                         "hf-attentions, forward-hook-cpu, nnsight (if installed)")

@@ -5,7 +5,8 @@ Each engine runs where it is installed (scripts/setup-vllm.sh, scripts/setup-sgl
 mode; modes rotate within each repeat as for HF. A cell of batch b is b requests submitted at
 once with max_num_seqs / max_running_requests = b, so the engine batches them together.
 
-Modes: off, dmi, dmi-drop, dmi-null, dmi-pause, dmi-keep-pages (as for HF), and for SGLang `sglang-hidden-states`: SGLang's
+Modes: off, dmi, dmi-drop, dmi-null, dmi-pause, dmi-keep-pages (as for HF; dmi-discard too for vLLM, whose
+worker runs in this process here), and for SGLang `sglang-hidden-states`: SGLang's
 own return_hidden_states (the final norm's output only, sent back as lists).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import dmi
 
 from .modes_hf import PeakRSS, capture_spec, close_facts
 
-ENGINE_MODES = {"vllm": ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages"),
+ENGINE_MODES = {"vllm": ("off", "dmi", "dmi-drop", "dmi-null", "dmi-discard", "dmi-pause", "dmi-keep-pages"),
                 "sglang": ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages", "sglang-hidden-states")}
 SETUP = {"vllm": "scripts/setup-vllm.sh", "sglang": "scripts/setup-sglang.sh"}
 

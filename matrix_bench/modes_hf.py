@@ -7,12 +7,14 @@ import tempfile
 import threading
 import time
 
+import numpy as np
 import torch
 
 import dmi
 import dmi.plugins
+import dmi.sinks.base
 
-MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
+MODES = ("off", "dmi", "dmi-drop", "dmi-null", "dmi-discard", "dmi-pause", "dmi-keep-pages", "hf-hidden-states", "hf-attentions", "forward-hook-cpu",
          "nnsight", "off-graphs", "dmi-graphs", "hf-hidden-states-disk", "forward-hook-disk", "steer", "steer-mixed",
          "steer-graphs")
 # *-disk: what users write by hand to keep the same data, persisted as dmi persists it (HDF5,
@@ -191,12 +193,46 @@ def _forward_hooks_disk(model, kwargs: dict, path: str) -> None:
     _write_h5(path, {k: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]) for k, v in kept.items()})
 
 
-class _SlowSinkPlugin:
-    """A sink that sleeps before each write: what a slow disk or network store looks like."""
+class _DiscardSink(dmi.sinks.base.Sink):
+    """dmi-discard: takes the drain's blocks and writes nothing, so a run pays for capture, plan,
+    drain and gather but not for a file: what is left of `dmi` above it is the sink's."""
+
+    commits_on_write = True
+
+    def __init__(self):
+        self._stage: dict[str, np.ndarray] = {}
+
+    def open(self, meta) -> None:
+        pass
+
+    def write(self, block) -> None:
+        pass
+
+    def write_gaps(self, gaps) -> None:
+        pass
+
+    def close(self, stats, complete: bool = True) -> None:
+        pass
+
+    def staging(self, info, n, row_shape, dtype):
+        # one buffer per hook, reused: the gather writes warm memory, as into a file sink's chunk buffer
+        buf = self._stage.get(info.name)
+        if buf is None or buf.shape[0] < n or buf.shape[1:] != tuple(row_shape) or buf.dtype != dtype:
+            buf = self._stage[info.name] = np.empty((max(n, 1024), *row_shape), dtype)
+        return buf[:n]
+
+
+class _BenchSinks:
+    """The benchmark's own sinks: a slow HDF5 sink (sleeps before each write: what a slow disk or
+    network store looks like) and the discarding one. Registered in this process only, so an
+    engine whose workers run elsewhere (SGLang's scheduler) can't use them."""
 
     @dmi.plugins.hookimpl
     def dmi_sink_for(self, sink_spec):
-        if not (isinstance(sink_spec, dict) and sink_spec.get("kind") == "bench-slow-hdf5"):
+        kind = sink_spec.get("kind") if isinstance(sink_spec, dict) else None
+        if kind == "bench-discard":
+            return _DiscardSink()
+        if kind != "bench-slow-hdf5":
             return None
         from dmi.sinks.hdf5 import HDF5Sink
 
@@ -210,16 +246,15 @@ class _SlowSinkPlugin:
         return SlowHDF5Sink(sink_spec["path"], release_pages=sink_spec.get("release_pages", True))
 
 
-_slow_registered = False
+def register_sinks() -> None:
+    if not dmi.plugins.manager().has_plugin("matrix-bench-sinks"):
+        dmi.plugins.manager().register(_BenchSinks(), name="matrix-bench-sinks")
 
 
 def _sink(path: str, delay_s: float):
-    global _slow_registered
     if delay_s <= 0:
         return path
-    if not _slow_registered:
-        dmi.plugins.manager().register(_SlowSinkPlugin(), name="matrix-bench-slow-sink")
-        _slow_registered = True
+    register_sinks()
     return {"kind": "bench-slow-hdf5", "path": path, "delay_s": delay_s}
 
 
@@ -240,11 +275,13 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         session = dmi.attach(model, steer_spec(mode, model, ids.shape[0], ring_bytes))
         path = None
         ctx = contextlib.nullcontext()
-    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-pause", "dmi-keep-pages", "dmi-graphs"):
+    elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-discard", "dmi-pause", "dmi-keep-pages", "dmi-graphs"):
         fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
         os.close(fd)
         os.unlink(path)
         session = dmi.attach(model, capture_spec(mode, hooks, ring_bytes, _sink(path, sink_delay_s)))
+        if mode == "dmi-discard":  # no file to remove
+            path = None
         ctx = contextlib.nullcontext()
     elif mode == "hf-hidden-states":
         ctx = _hidden_states_cpu(model)
@@ -287,6 +324,9 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
 
 def capture_spec(mode: str, hooks: list[str], ring_bytes: int, sink) -> dmi.CaptureSpec:
     """The spec of a dmi mode, for every engine."""
+    if mode == "dmi-discard":  # everything but the sink's work (registered in this process only)
+        register_sinks()
+        sink = {"kind": "bench-discard"}
     if mode == "dmi-keep-pages":  # the file's written pages stay cached, behind a slow sink too
         sink = {**({"kind": "hdf5", "path": sink} if isinstance(sink, str) else sink), "release_pages": False}
     return dmi.CaptureSpec(hooks=hooks, ring={"bytes": ring_bytes}, sink=sink,

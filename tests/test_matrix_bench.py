@@ -132,3 +132,13 @@ def test_keep_pages_mode_reaches_the_sink_also_behind_a_slow_sink(tmp_path):
         assert not sink.pages.enabled, delay
         spec = capture_spec("dmi", ["blocks.0.hook_resid_post"], 1 << 20, _sink(str(tmp_path / "d.h5"), delay))
         assert dmi.plugins.sink_for(spec.sink).pages.enabled == dmi.sinks.pagecache.supported(), delay
+
+
+
+def test_discard_mode_drains_what_dmi_captures(tmp_path):
+    out = tmp_path / "bench.h5"
+    assert main(["--model", "tiny", "--batch-sizes", "2", "--decode-lens", "4", "--prompt-len", "8", "--repeats", "1",
+                 "--modes", "off,dmi,dmi-discard", "--out", str(out)]) == 0
+    rows = {r["mode"]: r for r in read(str(out)) if r["status"] == "ok"}
+    assert rows["dmi-discard"]["bytes_captured"] == rows["dmi"]["bytes_captured"] > 0
+    assert rows["dmi-discard"]["rows_dropped"] == rows["dmi"]["rows_dropped"] == 0
