@@ -276,12 +276,12 @@ def run_once(model, mode: str, ids: torch.Tensor, decode_len: int, hooks: list[s
         path = None
         ctx = contextlib.nullcontext()
     elif mode in ("dmi", "dmi-drop", "dmi-null", "dmi-discard", "dmi-pause", "dmi-keep-pages", "dmi-graphs"):
-        fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
-        os.close(fd)
-        os.unlink(path)
+        path = None  # dmi-discard: no file (capture_spec names its sink)
+        if mode != "dmi-discard":
+            fd, path = tempfile.mkstemp(suffix=".h5", dir=workdir)
+            os.close(fd)
+            os.unlink(path)
         session = dmi.attach(model, capture_spec(mode, hooks, ring_bytes, _sink(path, sink_delay_s)))
-        if mode == "dmi-discard":  # no file to remove
-            path = None
         ctx = contextlib.nullcontext()
     elif mode == "hf-hidden-states":
         ctx = _hidden_states_cpu(model)

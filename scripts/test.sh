@@ -12,14 +12,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(core vllm sglang)
-fresh() { [ "${DMI_REUSE_VENVS:-0}" = 1 ] && [ -x "$1/bin/python" ] && return 1; rm -rf "$1"; return 0; }
+reused() { [ "${DMI_REUSE_VENVS:-0}" = 1 ] && [ -x "$1/bin/python" ]; }
+fresh() { reused "$1" && return 1; rm -rf "$1"; return 0; }
 status=0
 # A fresh venv takes about 3 GB (core) or 4 GB (vllm, sglang, counting what their installs
 # unpack and remove); pip's "No space left on device" comes only after minutes of work.
 need=0
 for part in "${parts[@]}"; do
   case "$part" in core) v=.venv; gb=3 ;; vllm) v=.venv-vllm; gb=4 ;; sglang) v=.venv-sglang; gb=4 ;; *) continue ;; esac
-  { [ "${DMI_REUSE_VENVS:-0}" = 1 ] && [ -x "$v/bin/python" ]; } && continue
+  reused "$v" && continue
   need=$((need + gb))
   [ -d "$v" ] && need=$((need - $(du -sk "$v" | awk '{ print int($1 / 1048576) }')))  # freed first
 done

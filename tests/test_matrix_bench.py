@@ -134,7 +134,6 @@ def test_keep_pages_mode_reaches_the_sink_also_behind_a_slow_sink(tmp_path):
         assert dmi.plugins.sink_for(spec.sink).pages.enabled == dmi.sinks.pagecache.supported(), delay
 
 
-
 def test_discard_mode_drains_what_dmi_captures(tmp_path):
     out = tmp_path / "bench.h5"
     assert main(["--model", "tiny", "--batch-sizes", "2", "--decode-lens", "4", "--prompt-len", "8", "--repeats", "1",
